@@ -40,8 +40,12 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from bpdl.errors import BPDLError, ConfigError
+
 __all__ = [
     "DATASETS",
+    "DATASET_INFO",
+    "dataset_info",
     "DataError",
     "ImageSet",
     "data_root",
@@ -56,10 +60,22 @@ __all__ = [
 
 DATASETS: tuple[str, ...] = ("mnist", "fashion_mnist", "cifar10")
 
+#: (C, H, W) and number of classes of each dataset, known without loading it.
+DATASET_INFO: dict[str, tuple[tuple[int, int, int], int]] = {
+    "mnist": ((1, 28, 28), 10),
+    "fashion_mnist": ((1, 28, 28), 10),
+    "cifar10": ((3, 32, 32), 10),
+}
+
+
+def dataset_info(name: str) -> tuple[tuple[int, int, int], int]:
+    """``((C, H, W), classes)`` of dataset ``name`` (ConfigError for unknown names)."""
+    return DATASET_INFO[_canonical_name(name)]
+
 SPLITS: tuple[str, ...] = ("train", "test")
 
 
-class DataError(RuntimeError):
+class DataError(BPDLError, RuntimeError):
     """A data problem the user can fix (missing, corrupt or unreadable files).
 
     The message says which file is affected, what was expected and what to do about it.
@@ -355,10 +371,10 @@ def _extract_gzip(src: pathlib.Path, dst: pathlib.Path, root: pathlib.Path) -> N
 
 def _canonical_name(name: str) -> str:
     if not isinstance(name, str):
-        raise ValueError(f"dataset name must be a string, one of {DATASETS}; got {name!r}")
+        raise ConfigError(f"dataset name must be a string, one of {DATASETS}; got {name!r}")
     key = name.strip().lower().replace("-", "").replace("_", "").replace(" ", "")
     if key not in _ALIASES:
-        raise ValueError(f"unknown dataset {name!r}; valid names are {', '.join(DATASETS)}")
+        raise ConfigError(f"unknown dataset {name!r}; valid datasets are: {', '.join(DATASETS)}")
     return _ALIASES[key]
 
 

@@ -70,5 +70,6 @@ def poisson_spikes(
 
 
 @torch.library.register_fake("bpdl::poisson_spikes")
-def _poisson_spikes_fake(rate: Tensor, seed: int, step: int, stream: int, dt: float) -> Tensor:
+def _poisson_spikes_fake(rate: Tensor, seed: int, step: int, stream: int = 0,
+                         dt: float = 1.0) -> Tensor:
     return torch.empty_like(rate, memory_format=torch.contiguous_format)

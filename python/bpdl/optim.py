@@ -1,0 +1,82 @@
+"""Optimisers: ``torch.optim`` classes by name, with per-layer learning rates via parameter groups.
+
+The original local rules (segregated dendrites, Kolen-Pollack) were plain SGD with per-layer
+rates; with bpdl's pseudo-gradient convention (``.grad = -dW / lr``) SGD without momentum or
+weight decay reproduces them exactly, and any other optimiser changes the algorithm, which is
+why the optimiser is recorded in every run config.
+"""
+
+from __future__ import annotations
+
+import inspect
+import math
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+
+from bpdl.errors import ConfigError
+from bpdl.registry import Registry
+
+OPTIMIZERS: Registry[Callable[..., torch.optim.Optimizer]] = Registry("optimizer")
+OPTIMIZERS.add("sgd", torch.optim.SGD)
+OPTIMIZERS.add("adam", torch.optim.Adam)
+OPTIMIZERS.add("adamw", torch.optim.AdamW)
+OPTIMIZERS.add("rmsprop", torch.optim.RMSprop)
+OPTIMIZERS.add("adagrad", torch.optim.Adagrad)
+
+_NOT_OPTIONS = {"self", "params", "lr"}
+
+
+def optimizer_options(name: str) -> list[str]:
+    """The keyword options optimiser ``name`` accepts besides ``lr``."""
+    factory = OPTIMIZERS.get(name)
+    target = factory.__init__ if inspect.isclass(factory) else factory
+    sig = inspect.signature(target)
+    return sorted(p for p in sig.parameters if p not in _NOT_OPTIONS
+                  and sig.parameters[p].kind is not inspect.Parameter.VAR_KEYWORD)
+
+
+def validate_optimizer(name: str, lr: float, layer_lrs: Sequence[float] | None,
+                       options: dict[str, Any]) -> None:
+    """Raise ConfigError for an unknown optimiser, bad learning rates or unknown options."""
+    valid = optimizer_options(name)  # raises for unknown names
+    for label, value in [("learning rate", lr)] + [
+            (f"layer learning rate {i}", v) for i, v in enumerate(layer_lrs or ())]:
+        if isinstance(value, bool) or not isinstance(value, (int, float)) \
+                or not math.isfinite(value) or value <= 0:
+            raise ConfigError(f"{label} must be a positive number, got {value!r}")
+    unknown = sorted(set(options) - set(valid))
+    if unknown:
+        raise ConfigError(f"optimizer {name!r} has no option(s) {unknown}; valid: {valid}")
+
+
+def build_optimizer(name: str, groups: list[dict[str, Any]], lr: float,
+                    layer_lrs: Sequence[float] | None = None,
+                    options: dict[str, Any] | None = None) -> torch.optim.Optimizer:
+    """Optimiser ``name`` over a learner's parameter groups.
+
+    Each group's learning rate is, in order of precedence: ``layer_lrs[i]`` (one per group, in
+    the learner's group order), the group's own ``lr`` (rules may set it, e.g. separate inverse
+    rates), else ``lr``. Group ``name`` keys are kept for logging.
+    """
+    options = dict(options or {})
+    validate_optimizer(name, lr, layer_lrs, options)
+    groups = [dict(g) for g in groups if g["params"]]
+    if not groups:
+        raise ConfigError("the model has no trainable parameters")
+    if layer_lrs is not None:
+        if len(layer_lrs) != len(groups):
+            names = [g.get("name", str(i)) for i, g in enumerate(groups)]
+            raise ConfigError(
+                f"layer_lrs has {len(layer_lrs)} entries but the learner has {len(groups)} "
+                f"parameter groups ({', '.join(names)}); give one learning rate per group"
+            )
+        for g, glr in zip(groups, layer_lrs, strict=False):
+            g["lr"] = float(glr)
+    for g in groups:
+        g.setdefault("lr", float(lr))
+    try:
+        return OPTIMIZERS.get(name)(groups, lr=float(lr), **options)
+    except (TypeError, ValueError) as err:
+        raise ConfigError(f"invalid options for optimizer {name!r} {options}: {err}") from err

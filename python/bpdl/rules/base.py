@@ -1,0 +1,145 @@
+"""The Learner: the one interface every learning rule implements (ARCHITECTURE.md section 2).
+
+Every rule is a way of filling ``param.grad``: backprop with the gradient, feedback alignment
+through custom autograd backward passes, target propagation from layer-local losses, segregated
+dendrites and microcircuits by writing the negative of their local weight change (divided by
+the learning rate) as a pseudo-gradient. A ``torch.optim`` optimiser then takes the step, so one
+training loop, one checkpoint format and one set of metrics serve every rule.
+
+The loop calls, per minibatch::
+
+    optimizer.zero_grad(set_to_none=True)
+    stats = learner.training_step(x, y)   # fills .grad; returns {"loss": ..., "correct": ...}
+    optimizer.step()
+    learner.after_step()                  # e.g. re-derive feedback weights from W
+
+and ``learner.on_epoch_start(epoch)`` before each epoch, ``learner.predict(x)`` to evaluate.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import OrderedDict
+from typing import Any, ClassVar, Protocol, runtime_checkable
+
+import torch
+from torch import Tensor, nn
+
+from bpdl.nn.init import WEIGHT_LAYERS
+
+
+@runtime_checkable
+class LearnerProtocol(Protocol):
+    """What the training loop needs from a rule."""
+
+    def training_step(self, x: Tensor, y: Tensor) -> dict[str, Any]: ...  # fills .grad
+
+    def predict(self, x: Tensor) -> Tensor: ...  # class scores (N, classes)
+
+
+def angle_degrees(a: Tensor, b: Tensor) -> float:
+    """Angle between two tensors as flat vectors, in degrees (0-180; 90 = unaligned)."""
+    a, b = a.detach().flatten().double(), b.detach().flatten().double()
+    na, nb = a.norm(), b.norm()
+    if na == 0 or nb == 0:
+        return float("nan")
+    cos = torch.clamp(torch.dot(a, b) / (na * nb), -1.0, 1.0)
+    return math.degrees(math.acos(float(cos)))
+
+
+class Learner(nn.Module):
+    """Base class of learning rules. Subclasses set ``name`` and ``config_cls`` and implement
+    :meth:`training_step`; everything else has a default that suits backprop-like rules.
+
+    The learner is an ``nn.Module`` holding ``self.model``, so its ``state_dict`` carries the
+    model and every rule-owned buffer or parameter (feedback weights, simulator state, RNG
+    counters) into checkpoints.
+    """
+
+    name: ClassVar[str] = "base"
+    config_cls: ClassVar[type | None] = None
+    #: Model families this rule can train (None: any classifier nn.Module).
+    supported_models: ClassVar[tuple[str, ...] | None] = None
+
+    def __init__(self, model: nn.Module, config: Any = None):
+        super().__init__()
+        self.model = model
+        self.config = config
+
+    # ---- the protocol ---------------------------------------------------------------------
+    def training_step(self, x: Tensor, y: Tensor) -> dict[str, Any]:
+        """Fill ``.grad`` of the parameters for one minibatch; return at least ``loss`` (the
+        minibatch mean, float or 0-dim tensor) and ``correct`` (number of correct predictions)."""
+        raise NotImplementedError
+
+    def predict(self, x: Tensor) -> Tensor:
+        """Class scores (N, classes) for evaluation; argmax is the prediction."""
+        return self.model(x)
+
+    def loss(self, scores: Tensor, y: Tensor) -> Tensor:
+        """Mean evaluation loss of the scores :meth:`predict` returns."""
+        return nn.functional.cross_entropy(scores, y)
+
+    # ---- hooks with defaults ------------------------------------------------------------------
+    def on_epoch_start(self, epoch: int) -> None:
+        """Called before every epoch (alternating schedules switch phase here)."""
+
+    def after_step(self) -> None:
+        """Called after every optimiser step (feedback weights derived from W update here)."""
+
+    def parameter_groups(self) -> list[dict[str, Any]]:
+        """Optimiser parameter groups, one per weight layer in forward order, each a dict with
+        ``name`` and ``params`` (and optional per-group settings such as ``lr``).
+
+        ``layer_lrs`` in the optimiser config applies to these groups in order. Parameters that
+        belong to no weight layer (BatchNorm, ...) join the group of the closest weight layer
+        before them, or the first group.
+        """
+        groups: list[dict[str, Any]] = []
+        seen: set[int] = set()
+        pending: list[nn.Parameter] = []
+        for mod_name, module in self.model.named_modules():
+            own = [p for p in module.parameters(recurse=False) if p.requires_grad]
+            if not own:
+                continue
+            if self._is_weight_layer(module):
+                groups.append({"name": mod_name or "model", "params": own + pending})
+                pending = []
+            elif groups:
+                groups[-1]["params"].extend(own)
+            else:
+                pending.extend(own)
+            seen.update(id(p) for p in own)
+        if pending:
+            groups.append({"name": "other", "params": pending})
+        extra = [p for p in self.parameters() if p.requires_grad and id(p) not in seen]
+        if extra:
+            groups.append({"name": "rule", "params": extra})
+        return groups
+
+    @staticmethod
+    def _is_weight_layer(module: nn.Module) -> bool:
+        return isinstance(module, WEIGHT_LAYERS) or callable(
+            getattr(module, "reset_bpdl_parameters", None))
+
+    def weight_layers(self) -> OrderedDict[str, Tensor]:
+        """Named forward weight tensors tracked by the metrics (norms, change, alignment)."""
+        out: OrderedDict[str, Tensor] = OrderedDict()
+        for mod_name, module in self.model.named_modules():
+            if self._is_weight_layer(module) and getattr(module, "weight", None) is not None:
+                out[mod_name or "model"] = module.weight
+        return out
+
+    def alignment(self, x: Tensor, y: Tensor) -> dict[str, dict[str, float]]:
+        """Per-layer alignment metrics on a probe batch, e.g. ``{"layers.0": {"angle_bp": 42.}}``.
+
+        Rules with feedback pathways override this (angle between the rule's update and the
+        backprop gradient on the same batch, angle between W and B). Backprop returns nothing:
+        its update *is* the gradient.
+        """
+        return {}
+
+    def extra_state_for_config(self) -> dict[str, Any]:
+        """Anything the run config should record about this learner (e.g. the optimiser the
+        rule assumes)."""
+        return {}

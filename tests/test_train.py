@@ -1,0 +1,196 @@
+"""The shared training loop: run directory, evaluation schedule, metrics, seeds, resume,
+divergence and bad input."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from bpdl import rules
+from bpdl.data import synthetic_dataset
+from bpdl.errors import ConfigError, RunDirError
+from bpdl.train import RunConfig, train
+
+TIMING_KEYS = {"examples_per_sec", "eval_time", "elapsed"}
+
+
+@pytest.fixture(scope="module")
+def small_data():
+    full = synthetic_dataset(1600, shape=(1, 8, 8), seed=0)
+    idx = torch.arange(len(full))
+    return full.subset(idx[:1000]), full.subset(idx[1000:1300]), full.subset(idx[1300:])
+
+
+def _cfg(**kw) -> RunConfig:
+    base = dict(dataset="synthetic", model="mlp", model_options={"hidden": [32]}, epochs=2,
+                batch_size=50, eval_every=300, train_eval_size=200, probe_size=0, lr=3e-3,
+                device="cpu")
+    base.update(kw)
+    return RunConfig(**base)
+
+
+def _strip(history):
+    return [{k: v for k, v in r.items() if k not in TIMING_KEYS} for r in history]
+
+
+def test_run_directory_and_schedule(tmp_path, small_data):
+    out = tmp_path / "run"
+    result = train(_cfg(), out, data=small_data, progress=False, log=lambda s: None)
+    assert result.status == "completed"
+    assert (out / "config.json").exists() and (out / "checkpoints" / "last.pt").exists()
+    cfg = json.loads((out / "config.json").read_text())
+    assert cfg["rule"] == "bp" and cfg["model_options"] == {"hidden": [32]}
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    # evaluations at 0, every 300 examples, and at the end (2000 examples)
+    assert [r["examples"] for r in records] == [0, 300, 600, 900, 1200, 1500, 1800, 2000]
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["status"] == "completed" and summary["examples"] == 2000
+    assert summary["epochs"] == pytest.approx(2.0)
+    assert 0.9 < summary["test_acc"] <= 1.0  # synthetic classes are separable
+    assert summary["val_acc"] == records[-1]["val_acc"]
+    last = records[-1]
+    for key in ("train_loss", "train_acc", "val_loss", "val_acc", "running_loss", "running_acc",
+                "examples_per_sec"):
+        assert key in last
+    assert "test_acc" not in last  # test only at the end by default
+    assert set(last["layers"]) == {"layers.0", "layers.1"}
+    for stats in last["layers"].values():
+        assert stats["weight_norm"] > 0 and stats["rel_change"] > 0 and stats["update_norm"] > 0
+    assert records[0]["val_acc"] < 0.5 < records[-1]["val_acc"]
+
+
+def test_weight_statistics_are_what_they_claim(small_data):
+    seen = []
+    result = train(_cfg(optimizer="sgd", lr=0.5, epochs=1, eval_every=500), None,
+                   data=small_data, progress=False, log=lambda s: None,
+                   callback=lambda rec: seen.append(rec))
+    w = result.learner.model.layers[1].weight.detach()
+    last = result.history[-1]["layers"]["layers.1"]
+    assert last["weight_norm"] == pytest.approx(float(w.norm()), rel=1e-6)
+    assert len(seen) == len(result.history) - 1  # callback after every evaluation but the first
+
+
+def test_same_seed_same_metrics_and_different_seed_differs(small_data):
+    def run(seed):
+        return train(_cfg(seed=seed), data=small_data, progress=False,
+                                 log=lambda s: None).history
+    a, b, c = run(3), run(3), run(4)
+    assert _strip(a) == _strip(b)
+    assert _strip(a) != _strip(c)
+
+
+def test_resume_after_crash_matches_uninterrupted_run(tmp_path, small_data):
+    reference = train(_cfg(), tmp_path / "ref", data=small_data, progress=False,
+                      log=lambda s: None)
+
+    class Crash(Exception):
+        pass
+
+    def crash_at_900(rec):
+        if rec["examples"] == 900:
+            raise Crash
+
+    out = tmp_path / "crashy"
+    with pytest.raises(Crash):
+        train(_cfg(), out, data=small_data, progress=False, log=lambda s: None,
+              callback=crash_at_900)
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["status"] == "failed"
+    resumed = train(_cfg(), out, data=small_data, progress=False, log=lambda s: None)
+    assert resumed.status == "completed"
+    assert _strip(resumed.history) == _strip(reference.history)
+    lines = (out / "metrics.jsonl").read_text().splitlines()
+    assert [json.loads(x)["examples"] for x in lines] == [r["examples"] for r in reference.history]
+    # a finished run is returned, not retrained
+    again = train(_cfg(), out, data=small_data, progress=False, log=lambda s: None)
+    assert again.learner is None and again.summary["status"] == "completed"
+
+
+def test_resume_with_other_config_is_refused_naming_the_difference(tmp_path, small_data):
+    out = tmp_path / "r"
+    train(_cfg(max_examples=300), out, data=small_data, progress=False, log=lambda s: None)
+    with pytest.raises(ConfigError, match=r"lr: 0.003 -> 0.01.*batch_size|batch_size: 50 -> 25"):
+        train(_cfg(max_examples=300, lr=0.01, batch_size=25), out, data=small_data,
+              progress=False, log=lambda s: None)
+    # device and thread count may change on resume
+    train(_cfg(max_examples=300, threads=1), out, data=small_data, progress=False,
+          log=lambda s: None)
+
+
+def test_divergence_stops_with_recorded_status(tmp_path, small_data):
+    out = tmp_path / "div"
+    result = train(_cfg(optimizer="sgd", lr=1e6, max_loss=50.0), out, data=small_data,
+                   progress=False, log=lambda s: None)
+    assert result.status == "diverged"
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["status"] == "diverged"
+    assert "Lower the learning rate" in summary["message"]
+    assert summary["examples"] < 2000
+    assert "test_acc" not in summary
+
+
+def test_layer_learning_rates_and_optimizer_options(small_data):
+    cfg = _cfg(optimizer="sgd", lr=0.1, layer_lrs=(0.2, 0.05),
+               optimizer_options={"momentum": 0.9}, max_examples=100)
+    result = train(cfg, data=small_data, progress=False, log=lambda s: None)
+    assert result.status == "completed"
+    with pytest.raises(ConfigError, match="one learning rate per group"):
+        train(_cfg(layer_lrs=(0.1,)), data=small_data, progress=False, log=lambda s: None)
+
+
+def test_test_every_evaluation_and_max_examples(small_data):
+    result = train(_cfg(test="every", max_examples=450), data=small_data, progress=False,
+                   log=lambda s: None)
+    assert [r["examples"] for r in result.history] == [0, 300, 450]
+    assert all("test_acc" in r for r in result.history)
+
+
+@pytest.mark.parametrize("overrides,match", [
+    ({"epochs": 0}, "epochs must be > 0"),
+    ({"epochs": -2}, "epochs must be > 0"),
+    ({"batch_size": 0}, "batch_size must be > 0"),
+    ({"lr": 0.0}, "learning rate must be a positive"),
+    ({"lr": -1e-3}, "learning rate must be a positive"),
+    ({"optimizer": "adamm"}, "valid optimizers are: .*adam"),
+    ({"rule": "backprop2"}, "valid rules are: .*bp"),
+    ({"model": "transformer"}, "valid models are"),
+    ({"optimizer_options": {"momentum": 0.9}}, "optimizer 'adam' has no option"),
+    ({"test": "sometimes"}, "test must be one of"),
+    ({"device": "cuda:7"} if not torch.cuda.is_available() else {"device": "tpu"}, "device"),
+])
+def test_bad_configuration_is_refused_before_anything_is_written(tmp_path, small_data,
+                                                                 overrides, match):
+    out = tmp_path / "never"
+    with pytest.raises(ConfigError, match=match):
+        train(_cfg(**overrides), out, data=small_data, progress=False, log=lambda s: None)
+    assert not out.exists()
+
+
+def test_unwritable_output_folder(tmp_path, small_data):
+    blocker = tmp_path / "a_file"
+    blocker.write_text("x")
+    with pytest.raises(RunDirError, match="is a file"):
+        train(_cfg(), blocker / "run", data=small_data, progress=False, log=lambda s: None)
+    with pytest.raises(RunDirError, match="not a folder"):
+        train(_cfg(), blocker, data=small_data, progress=False, log=lambda s: None)
+
+
+def test_rule_registry_lists_valid_names():
+    assert "bp" in rules.names()
+    with pytest.raises(ValueError, match="valid rules are"):
+        rules.get("nope")
+    with pytest.raises(ValueError, match="already registered"):
+        rules.RULES.add("bp", object)
+
+
+def test_configs_pickle_and_roundtrip_json():
+    import pickle
+
+    cfg = _cfg(layer_lrs=(0.1, 0.2), rule_options={"loss": "mse"})
+    assert pickle.loads(pickle.dumps(cfg)) == cfg
+    assert RunConfig.from_dict(json.loads(json.dumps(cfg.to_dict()))) == cfg
+    with pytest.raises(ConfigError, match="unknown run config option"):
+        RunConfig.from_dict({"epocs": 3})
+    rc = rules.rule_config("bp", {"loss": "mse"})
+    assert pickle.loads(pickle.dumps(rc)) == rc
