@@ -28,10 +28,16 @@ MNIST_LIKE_RAW_FILES: dict[str, tuple[str, ...]] = {
 
 
 def shared_data_path() -> pathlib.Path:
-    """Where the shared dataset files live (may not exist)."""
+    """Where the shared dataset files live (may not exist): ``BPDL_SHARED_DATA``, else the
+    nearest ``shared/data`` beside the repository or beside one of its parent folders (a
+    checkout at ``X/main`` or a worktree at ``X/wt/name`` both find ``X/shared/data``)."""
     env = os.environ.get("BPDL_SHARED_DATA")
     if env:
         return pathlib.Path(env).expanduser()
+    for parent in REPO_ROOT.parents:
+        candidate = parent / "shared" / "data"
+        if candidate.is_dir():
+            return candidate
     return REPO_ROOT.parent / "shared" / "data"
 
 
