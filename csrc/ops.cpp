@@ -7,4 +7,26 @@ TORCH_LIBRARY(bpdl, m) {
   // counts[i] ~ Poisson(rate[i] * dt), drawn from Philox4x32-10 keyed by
   // (seed, step, stream, i) where i is the row-major element index.
   m.def("poisson_spikes(Tensor rate, int seed, int step, int stream=0, float dt=1.0) -> Tensor");
+
+  // ---- segregated dendrites (Guerguiev, Lillicrap & Richards 2017) ----------------------------
+  // python/bpdl/functional/segregated.py is the reference; python/bpdl/ops.py documents the math.
+  // Spike counts use Philox blocks keyed by (seed, lane_key 2^22 + neuron / 4, step,
+  // 0x5E600000 + population); params/flags follow the layouts of csrc/include/bpdl/segregated.h.
+  m.def("segregated_layer_step(Tensor W, Tensor b, Tensor? Y, Tensor? c, Tensor ff, Tensor? fb, "
+        "Tensor kappa, Tensor? teach, Tensor(a!) C, Tensor(b!) lam, Tensor(c!) A, Tensor(d!) ring, "
+        "Tensor(e!) sums, Tensor(f!) psp_sum, Tensor(g!) fb_sum, Tensor step, Tensor lane_key, "
+        "Tensor accumulate, int seed, int pop, float[] params, int[] flags) -> Tensor");
+  m.def("segregated_sparse_basal(Tensor W_t, Tensor b, Tensor ring, Tensor step, Tensor kappa) "
+        "-> Tensor");
+  m.def("segregated_plasticity(int kind, Tensor C_f, Tensor P_f, Tensor a, Tensor? b, Tensor? A_f, "
+        "Tensor? Q_f, float lambda_max, float gain, float scale, float fb_gain, float fb_scale) "
+        "-> (Tensor, Tensor, Tensor, Tensor, Tensor)");
+  m.def("segregated_train_example(Tensor[] W, Tensor[] b, Tensor[] Y, Tensor[] c, Tensor x_rate, "
+        "Tensor target, Tensor kappa, Tensor(a!) in_ring, Tensor(b!)[] rings, Tensor(c!)[] C, "
+        "Tensor(d!)[] lam, Tensor(e!)[] A, Tensor(f!) step, Tensor lane_key, Tensor lengths, "
+        "Tensor windows, Tensor[] offsets, int seed, float[] params, int[] flags, "
+        "int[] need_train, int[] need_test) -> Tensor[]");
+  m.def("segregated_test(Tensor[] W, Tensor[] b, Tensor[] Y, Tensor[] c, Tensor x_rate, "
+        "Tensor kappa, Tensor lane_key, int seed, int steps, int window, float[] params, "
+        "int[] flags, int[] need_test) -> Tensor");
 }

@@ -12,8 +12,10 @@ from bpdl.nn.models import (
     cnn_geometry,
     model_config,
 )
+from bpdl.nn.segregated import SegregatedDendriteNet, SegregatedNetConfig
 
 __all__ = [
     "CNN", "CNNConfig", "INITS", "MLP", "MLPConfig", "MODELS", "ModelSpec", "build_model",
-    "cnn_geometry", "init_std", "initialise", "model_config",
+    "cnn_geometry", "init_std", "initialise", "model_config", "SegregatedDendriteNet",
+    "SegregatedNetConfig",
 ]

@@ -1,0 +1,649 @@
+// CPU kernels of the segregated-dendrite family (Guerguiev, Lillicrap & Richards 2017).
+//
+//   segregated_layer_step     one time step of one layer's compartments (all lanes)
+//   segregated_sparse_basal   the basal input of a spiking layer without the dense product
+//   segregated_plasticity     end-of-example errors and summed weight updates of one layer
+//   segregated_train_example  forward + target phase of one training example in every lane
+//   segregated_test           the test procedure (250 steps from zero state) in every lane
+//
+// Lanes run in parallel (at::parallel_for); each lane runs its whole example in one thread, so
+// lanes with different random phase lengths never wait for each other. The simulation loops are
+// compiled twice (baseline x86-64 and AVX2/FMA, segregated_cpu_impl.h) and chosen at run time.
+#include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cstdint>
+#include <vector>
+
+#include "bpdl/segregated.h"
+#include "bpdl/segregated_checks.h"
+
+#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+#include <immintrin.h>
+#define BPDL_SEG_HAVE_AVX2_BUILD 1
+#endif
+
+namespace bpdl {
+namespace {
+
+using namespace ::bpdl::seg;
+
+// Weights and switches shared by every lane of one call (raw pointers into contiguous tensors).
+template <typename T>
+struct Net {
+  int M = 0;
+  int taps = 0;
+  std::vector<int64_t> n;  // n[0] inputs, n[m + 1] units of layer m
+  std::vector<const T*> W, WT, b, Y, c;
+  std::vector<int64_t> nfb;
+  std::vector<int> src;
+  std::vector<T> kappa;
+  T prm[kNumParams];
+  bool conductances = true, spiking_ff = true, spiking_fb = true, apical_soma = false;
+  bool original_quirks = false;
+  int offsets_count = 1;
+  std::vector<bool> need_train, need_test;
+  uint64_t seed = 0;
+};
+
+}  // namespace
+}  // namespace bpdl
+
+// ---- the simulation loops, twice ----------------------------------------------------------------
+// Without trapping math, compilers turn the branchy clamps of the math into vector min/max;
+// the values computed are the same.
+#pragma GCC push_options
+#pragma GCC optimize("no-trapping-math")
+namespace bpdl {
+namespace {
+#define BPDL_SEG_IMPL_NS impl_base
+#include "segregated_cpu_impl.h"
+#undef BPDL_SEG_IMPL_NS
+}  // namespace
+}  // namespace bpdl
+#pragma GCC pop_options
+
+#if defined(BPDL_SEG_HAVE_AVX2_BUILD)
+#pragma GCC push_options
+#pragma GCC target("avx2,fma")
+#pragma GCC optimize("no-trapping-math")
+namespace bpdl {
+namespace {
+#define BPDL_SEG_IMPL_NS impl_avx2
+#define BPDL_SEG_IMPL_AVX2 1
+#include "segregated_cpu_impl.h"
+#undef BPDL_SEG_IMPL_AVX2
+#undef BPDL_SEG_IMPL_NS
+}  // namespace
+}  // namespace bpdl
+#pragma GCC pop_options
+#endif
+
+namespace bpdl {
+namespace {
+
+bool use_avx2() {
+#if defined(BPDL_SEG_HAVE_AVX2_BUILD)
+  static const bool ok = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+  return ok;
+#else
+  return false;
+#endif
+}
+
+// ---- building the shared view ---------------------------------------------------------------------
+
+template <typename T>
+Net<T> make_net(const std::vector<at::Tensor>& W, const std::vector<at::Tensor>& WT,
+                const std::vector<at::Tensor>& b, const std::vector<at::Tensor>& Y,
+                const std::vector<at::Tensor>& c, const at::Tensor& kappa, int64_t n_in,
+                int64_t seed, const std::vector<double>& params, const std::vector<int64_t>& flags,
+                const std::vector<int64_t>& need_train, const std::vector<int64_t>& need_test) {
+  Net<T> net;
+  net.M = static_cast<int>(W.size());
+  net.taps = static_cast<int>(kappa.numel());
+  net.n.push_back(n_in);
+  for (const auto& w : W) net.n.push_back(w.size(0));
+  for (int m = 0; m < net.M; ++m) {
+    net.W.push_back(W[m].const_data_ptr<T>());
+    net.WT.push_back(WT.empty() ? nullptr : WT[m].const_data_ptr<T>());
+    net.b.push_back(b[m].const_data_ptr<T>());
+  }
+  const bool broadcast = flags[kBroadcast] != 0;
+  for (int m = 0; m + 1 < net.M; ++m) {
+    net.Y.push_back(Y[m].const_data_ptr<T>());
+    net.c.push_back(c.empty() ? nullptr : c[m].const_data_ptr<T>());
+    net.src.push_back(broadcast ? net.M - 1 : m + 1);
+    net.nfb.push_back(Y[m].size(1));
+  }
+  const at::Tensor k = kappa.to(at::kDouble).contiguous();
+  for (int64_t i = 0; i < k.numel(); ++i) net.kappa.push_back(static_cast<T>(k.const_data_ptr<double>()[i]));
+  for (int i = 0; i < kNumParams; ++i) net.prm[i] = static_cast<T>(params[i]);
+  net.conductances = flags[kConductances] != 0;
+  net.spiking_ff = flags[kSpikingFF] != 0;
+  net.spiking_fb = flags[kSpikingFB] != 0;
+  net.apical_soma = flags[kApicalSoma] != 0;
+  net.original_quirks = flags[kOriginalQuirks] != 0;
+  net.offsets_count = flags[kRandomPlateaus] ? static_cast<int>(flags[kPlateauMax]) + 1 : 1;
+  for (auto v : need_train) net.need_train.push_back(v != 0);
+  for (auto v : need_test) net.need_test.push_back(v != 0);
+  net.seed = static_cast<uint64_t>(seed);
+  return net;
+}
+
+std::vector<at::Tensor> contiguous_all(at::TensorList list) {
+  std::vector<at::Tensor> out;
+  for (const auto& t : list) out.push_back(t.contiguous());
+  return out;
+}
+
+std::vector<at::Tensor> transposed_all(const std::vector<at::Tensor>& W) {
+  std::vector<at::Tensor> out;
+  for (const auto& w : W) out.push_back(w.t().contiguous());
+  return out;
+}
+
+// ---- fused training example -----------------------------------------------------------------------
+
+template <typename T, typename Impl>
+void train_lanes(const Net<T>& net, int64_t lo, int64_t hi, const T* x_rate, const T* target,
+                 const at::Tensor& B0const, int8_t* in_ring, std::vector<int8_t*>& rings,
+                 std::vector<T*>& C, std::vector<T*>& lam, std::vector<T*>& A, int64_t* step,
+                 const int64_t* lane_key, const int64_t* lengths, const int64_t* windows,
+                 const std::vector<const int64_t*>& offsets, std::vector<T*>& out) {
+  const int M = net.M;
+  const int H = M - 1;
+  typename Impl::template Scratch<T> s(net);
+  const int taps = net.taps;
+  for (int64_t bl = lo; bl < hi; ++bl) {
+    typename Impl::template LanePtrs<T> lp;
+    lp.in_ring = in_ring + bl * taps * net.n[0];
+    for (int m = 0; m < M; ++m) {
+      lp.rings.push_back(rings[m] + bl * taps * net.n[m + 1]);
+      lp.C.push_back(C[m] + bl * net.n[m + 1]);
+      lp.lam.push_back(lam[m] + bl * net.n[m + 1]);
+      lp.A.push_back(m < H ? A[m] + bl * net.n[m + 1] : nullptr);
+    }
+    lp.step = step + bl;
+    lp.lane_key = lane_key[bl];
+    const T* x = x_rate + bl * net.n[0];
+    const T* teach = target + bl * net.n[M];
+    const T* b0 = B0const.defined() ? B0const.const_data_ptr<T>() + bl * net.n[1] : nullptr;
+    Impl::input_groups(net, s, x);
+    Impl::rebuild_R(net, s, lp);
+    for (int phase = 0; phase < 2; ++phase) {
+      const int64_t length = lengths[2 * bl + phase];
+      const int64_t window = windows[2 * bl + phase];
+      Impl::run_phase(net, s, lp, x, teach, b0, length, window,
+                      static_cast<const int64_t*>(nullptr), phase);
+      const T inv = T(1) / static_cast<T>(window);
+      // outputs: C_f C_t lam_f lam_t P_f (M each), A_f A_t Q_f (H each)
+      for (int m = 0; m < M; ++m) {
+        const int64_t nm = net.n[m + 1];
+        T* Cout = out[(phase == 0 ? 0 : 1) * M + m] + bl * nm;
+        T* Lout = out[(phase == 0 ? 2 : 3) * M + m] + bl * nm;
+        for (int64_t j = 0; j < nm; ++j) {
+          Cout[j] = s.Csum[m][j] * inv;
+          Lout[j] = s.lamsum[m][j] * inv;
+        }
+        if (phase == 0) {
+          T* Pout = out[4 * M + m] + bl * net.n[m];
+          for (int64_t i = 0; i < net.n[m]; ++i) Pout[i] = s.Psum[m][i] * inv;
+        }
+      }
+      for (int m = 0; m < H; ++m) {
+        const int64_t nm = net.n[m + 1];
+        const int64_t* off = offsets.empty() ? nullptr : offsets[m] + (2 * bl + phase) * nm;
+        T* Aout = out[5 * M + (phase == 0 ? 0 : H) + m] + bl * nm;
+        Impl::apical_average(net, s, m, window, off, Aout);
+        if (phase == 0) {
+          T* Qout = out[5 * M + 2 * H + m] + bl * net.nfb[m];
+          for (int64_t i = 0; i < net.nfb[m]; ++i) Qout[i] = s.Qsum[m][i] * inv;
+        }
+      }
+    }
+    // The apical potential is state: its value at the lane's last step (computed every step
+    // only when it reaches the soma).
+    if (!net.apical_soma) {
+      for (int m = 0; m < H; ++m)
+        Impl::matvec(lp.A[m], net.c[m], net.Y[m], s.qlast[m].data(), net.n[m + 1], net.nfb[m]);
+    }
+  }
+}
+
+struct BaseImpl {
+  template <typename T> using Scratch = impl_base::Scratch<T>;
+  template <typename T> using LanePtrs = impl_base::LanePtrs<T>;
+  template <typename T> static void input_groups(const Net<T>& n, Scratch<T>& s, const T* x) {
+    impl_base::input_groups(n, s, x);
+  }
+  template <typename T> static void rebuild_R(const Net<T>& n, Scratch<T>& s, const LanePtrs<T>& lp) {
+    impl_base::rebuild_R(n, s, lp);
+  }
+  template <typename T>
+  static void run_phase(const Net<T>& n, Scratch<T>& s, LanePtrs<T>& lp, const T* x,
+                        const T* teach, const T* b0, int64_t L, int64_t W, const int64_t* off,
+                        int phase) {
+    impl_base::run_phase(n, s, lp, x, teach, b0, L, W, off, phase);
+  }
+  template <typename T>
+  static void apical_average(const Net<T>& n, const Scratch<T>& s, int m, int64_t W,
+                             const int64_t* off, T* out) {
+    impl_base::apical_average(n, s, m, W, off, out);
+  }
+  template <typename T>
+  static void matvec(T* out, const T* bias, const T* M, const T* v, int64_t r, int64_t c) {
+    impl_base::matvec(out, bias, M, v, r, c);
+  }
+};
+
+#if defined(BPDL_SEG_HAVE_AVX2_BUILD)
+struct Avx2Impl {
+  template <typename T> using Scratch = impl_avx2::Scratch<T>;
+  template <typename T> using LanePtrs = impl_avx2::LanePtrs<T>;
+  template <typename T> static void input_groups(const Net<T>& n, Scratch<T>& s, const T* x) {
+    impl_avx2::input_groups(n, s, x);
+  }
+  template <typename T> static void rebuild_R(const Net<T>& n, Scratch<T>& s, const LanePtrs<T>& lp) {
+    impl_avx2::rebuild_R(n, s, lp);
+  }
+  template <typename T>
+  static void run_phase(const Net<T>& n, Scratch<T>& s, LanePtrs<T>& lp, const T* x,
+                        const T* teach, const T* b0, int64_t L, int64_t W, const int64_t* off,
+                        int phase) {
+    impl_avx2::run_phase(n, s, lp, x, teach, b0, L, W, off, phase);
+  }
+  template <typename T>
+  static void apical_average(const Net<T>& n, const Scratch<T>& s, int m, int64_t W,
+                             const int64_t* off, T* out) {
+    impl_avx2::apical_average(n, s, m, W, off, out);
+  }
+  template <typename T>
+  static void matvec(T* out, const T* bias, const T* M, const T* v, int64_t r, int64_t c) {
+    impl_avx2::matvec(out, bias, M, v, r, c);
+  }
+};
+#endif
+
+std::vector<at::Tensor> train_example_cpu(
+    at::TensorList W_, at::TensorList b_, at::TensorList Y_, at::TensorList c_,
+    const at::Tensor& x_rate_, const at::Tensor& target_, const at::Tensor& kappa,
+    const at::Tensor& in_ring, at::TensorList rings, at::TensorList C, at::TensorList lam,
+    at::TensorList A, const at::Tensor& step, const at::Tensor& lane_key_,
+    const at::Tensor& lengths_, const at::Tensor& windows_, at::TensorList offsets_, int64_t seed,
+    at::ArrayRef<double> params, at::IntArrayRef flags, at::IntArrayRef need_train,
+    at::IntArrayRef need_test) {
+  check_train_args(W_, b_, Y_, c_, x_rate_, target_, kappa, in_ring, rings, C, lam, A, step,
+                   lane_key_, lengths_, windows_, offsets_, seed, params, flags, need_train,
+                   need_test);
+  const auto W = contiguous_all(W_);
+  const auto b = contiguous_all(b_);
+  const auto Y = contiguous_all(Y_);
+  const auto c = contiguous_all(c_);
+  const auto offsets = contiguous_all(offsets_);
+  const at::Tensor x_rate = x_rate_.contiguous();
+  const at::Tensor target = target_.contiguous();
+  const at::Tensor lane_key = lane_key_.contiguous();
+  const at::Tensor lengths = lengths_.contiguous();
+  const at::Tensor windows = windows_.contiguous();
+  const int M = static_cast<int>(W.size());
+  const int H = M - 1;
+  const int64_t B = x_rate.size(0);
+  const bool spiking_ff = flags[kSpikingFF] != 0;
+  const auto WT = spiking_ff ? transposed_all(W) : std::vector<at::Tensor>();
+  at::Tensor B0const;
+  if (!spiking_ff) B0const = at::addmm(b[0], x_rate, W[0].t()).contiguous();
+  // outputs: C_f, C_t, lam_f, lam_t (B, n_m); P_f (B, n_{m-1}); A_f, A_t (B, n_m); Q_f (B, n_fb)
+  std::vector<at::Tensor> out;
+  const auto opts = x_rate.options();
+  for (int k = 0; k < 4; ++k)
+    for (int m = 0; m < M; ++m) out.push_back(at::zeros({B, W[m].size(0)}, opts));
+  for (int m = 0; m < M; ++m) out.push_back(at::zeros({B, W[m].size(1)}, opts));
+  for (int k = 0; k < 2; ++k)
+    for (int m = 0; m < H; ++m) out.push_back(at::zeros({B, W[m].size(0)}, opts));
+  for (int m = 0; m < H; ++m) out.push_back(at::zeros({B, Y[m].size(1)}, opts));
+  if (B == 0) return out;
+  const std::vector<double> prm(params.begin(), params.end());
+  const std::vector<int64_t> flg(flags.begin(), flags.end());
+  const std::vector<int64_t> ntr(need_train.begin(), need_train.end());
+  const std::vector<int64_t> nte(need_test.begin(), need_test.end());
+  AT_DISPATCH_FLOATING_TYPES(x_rate.scalar_type(), "segregated_train_example_cpu", [&] {
+    using T = scalar_t;
+    const Net<T> net = make_net<T>(W, WT, b, Y, c, kappa, x_rate.size(1), seed, prm, flg, ntr, nte);
+    std::vector<int8_t*> ring_p;
+    std::vector<T*> C_p, lam_p, A_p, out_p;
+    for (const auto& t : rings) ring_p.push_back(t.mutable_data_ptr<int8_t>());
+    for (const auto& t : C) C_p.push_back(t.mutable_data_ptr<T>());
+    for (const auto& t : lam) lam_p.push_back(t.mutable_data_ptr<T>());
+    for (const auto& t : A) A_p.push_back(t.mutable_data_ptr<T>());
+    for (auto& t : out) out_p.push_back(t.mutable_data_ptr<T>());
+    std::vector<const int64_t*> off_p;
+    for (const auto& t : offsets) off_p.push_back(t.const_data_ptr<int64_t>());
+    int8_t* in_ring_p = in_ring.mutable_data_ptr<int8_t>();
+    int64_t* step_p = step.mutable_data_ptr<int64_t>();
+    const T* x_p = x_rate.const_data_ptr<T>();
+    const T* t_p = target.const_data_ptr<T>();
+    const int64_t* key_p = lane_key.const_data_ptr<int64_t>();
+    const int64_t* len_p = lengths.const_data_ptr<int64_t>();
+    const int64_t* win_p = windows.const_data_ptr<int64_t>();
+    at::parallel_for(0, B, 1, [&](int64_t lo, int64_t hi) {
+      std::vector<int8_t*> rp = ring_p;
+      std::vector<T*> cp = C_p, lp = lam_p, ap = A_p, op = out_p;
+#if defined(BPDL_SEG_HAVE_AVX2_BUILD)
+      if (use_avx2()) {
+        train_lanes<T, Avx2Impl>(net, lo, hi, x_p, t_p, B0const, in_ring_p, rp, cp, lp, ap,
+                                 step_p, key_p, len_p, win_p, off_p, op);
+        return;
+      }
+#endif
+      train_lanes<T, BaseImpl>(net, lo, hi, x_p, t_p, B0const, in_ring_p, rp, cp, lp, ap, step_p,
+                               key_p, len_p, win_p, off_p, op);
+    });
+  });
+  return out;
+}
+
+// ---- fused test procedure ---------------------------------------------------------------------------
+
+template <typename T, typename Impl>
+void test_lanes(const Net<T>& net, int64_t lo, int64_t hi, const T* x_rate,
+                const at::Tensor& B0const, const int64_t* lane_key, int64_t steps, int64_t window,
+                T* out) {
+  const int M = net.M;
+  typename Impl::template Scratch<T> s(net);
+  s.alloc_state(net);
+  const int64_t n_out = net.n[M];
+  for (int64_t bl = lo; bl < hi; ++bl) {
+    s.zero_state();
+    int64_t step = 0;
+    typename Impl::template LanePtrs<T> lp;
+    lp.in_ring = s.in_ring.data();
+    for (int m = 0; m < M; ++m) {
+      lp.rings.push_back(s.rings[m].data());
+      lp.C.push_back(s.C[m].data());
+      lp.lam.push_back(s.lam[m].data());
+      lp.A.push_back(s.A[m].data());
+    }
+    lp.step = &step;
+    lp.lane_key = lane_key[bl];
+    const T* x = x_rate + bl * net.n[0];
+    const T* b0 = B0const.defined() ? B0const.const_data_ptr<T>() + bl * net.n[1] : nullptr;
+    Impl::input_groups(net, s, x);
+    if (net.spiking_ff)
+      for (auto& r : s.R) std::fill(r.begin(), r.end(), T(0));
+    Impl::run_phase(net, s, lp, x, static_cast<const T*>(nullptr), b0, steps, window,
+                    static_cast<const int64_t*>(nullptr), 2);
+    const T inv = T(1) / static_cast<T>(window);
+    for (int64_t j = 0; j < n_out; ++j) out[bl * n_out + j] = s.Csum[M - 1][j] * inv;
+  }
+}
+
+at::Tensor test_cpu(at::TensorList W_, at::TensorList b_, at::TensorList Y_, at::TensorList c_,
+                    const at::Tensor& x_rate_, const at::Tensor& kappa,
+                    const at::Tensor& lane_key_, int64_t seed, int64_t steps, int64_t window,
+                    at::ArrayRef<double> params, at::IntArrayRef flags,
+                    at::IntArrayRef need_test) {
+  check_test_args(W_, b_, Y_, c_, x_rate_, kappa, lane_key_, seed, steps, window, params, flags,
+                  need_test);
+  const auto W = contiguous_all(W_);
+  const auto b = contiguous_all(b_);
+  const auto Y = contiguous_all(Y_);
+  const auto c = contiguous_all(c_);
+  const at::Tensor x_rate = x_rate_.contiguous();
+  const at::Tensor lane_key = lane_key_.contiguous();
+  const int M = static_cast<int>(W.size());
+  const int64_t B = x_rate.size(0);
+  const bool spiking_ff = flags[kSpikingFF] != 0;
+  const auto WT = spiking_ff ? transposed_all(W) : std::vector<at::Tensor>();
+  at::Tensor B0const;
+  if (!spiking_ff) B0const = at::addmm(b[0], x_rate, W[0].t()).contiguous();
+  at::Tensor out = at::zeros({B, W[M - 1].size(0)}, x_rate.options());
+  if (B == 0) return out;
+  const std::vector<double> prm(params.begin(), params.end());
+  const std::vector<int64_t> flg(flags.begin(), flags.end());
+  const std::vector<int64_t> nte(need_test.begin(), need_test.end());
+  AT_DISPATCH_FLOATING_TYPES(x_rate.scalar_type(), "segregated_test_cpu", [&] {
+    using T = scalar_t;
+    const Net<T> net = make_net<T>(W, WT, b, Y, c, kappa, x_rate.size(1), seed, prm, flg, nte, nte);
+    const T* x_p = x_rate.const_data_ptr<T>();
+    const int64_t* key_p = lane_key.const_data_ptr<int64_t>();
+    T* out_p = out.mutable_data_ptr<T>();
+    at::parallel_for(0, B, 1, [&](int64_t lo, int64_t hi) {
+#if defined(BPDL_SEG_HAVE_AVX2_BUILD)
+      if (use_avx2()) {
+        test_lanes<T, Avx2Impl>(net, lo, hi, x_p, B0const, key_p, steps, window, out_p);
+        return;
+      }
+#endif
+      test_lanes<T, BaseImpl>(net, lo, hi, x_p, B0const, key_p, steps, window, out_p);
+    });
+  });
+  return out;
+}
+
+// ---- one time step of one layer (building block) ---------------------------------------------------
+
+at::Tensor layer_step_cpu(const at::Tensor& W, const at::Tensor& b,
+                          const std::optional<at::Tensor>& Y, const std::optional<at::Tensor>& c,
+                          const at::Tensor& ff, const std::optional<at::Tensor>& fb,
+                          const at::Tensor& kappa, const std::optional<at::Tensor>& teach,
+                          const at::Tensor& C, const at::Tensor& lam, const at::Tensor& A,
+                          const at::Tensor& ring, const at::Tensor& sums,
+                          const at::Tensor& psp_sum, const at::Tensor& fb_sum,
+                          const at::Tensor& step_, const at::Tensor& lane_key_,
+                          const at::Tensor& accumulate_, int64_t seed, int64_t pop,
+                          at::ArrayRef<double> params, at::IntArrayRef flags) {
+  check_layer_step_args(W, b, Y, c, ff, fb, kappa, teach, C, lam, A, ring, sums, psp_sum, fb_sum,
+                        step_, lane_key_, accumulate_, seed, pop, params, flags);
+  const bool hidden = Y.has_value();
+  const int64_t B = C.size(0);
+  const int64_t n = C.size(1);
+  const int taps = static_cast<int>(ring.size(1));
+  const at::Tensor step = step_.contiguous();
+  const at::Tensor lane_key = lane_key_.contiguous();
+  const at::Tensor accumulate = accumulate_.to(at::kBool).contiguous();
+  const at::Tensor kap = kappa.to(C.scalar_type());
+  // p: the feedforward PSP (or rate) of every lane, then the dense basal product
+  auto psp_of = [&](const at::Tensor& r, int delay) {
+    const int64_t T_ = r.size(1);
+    const at::Tensor k_idx = at::arange(1, T_ + 1, step.options());
+    const at::Tensor slots = at::remainder(step.unsqueeze(1) - (k_idx - 1 + delay).unsqueeze(0), T_);
+    const at::Tensor taps_v = at::gather(r, 1, slots.unsqueeze(2).expand({-1, -1, r.size(2)}));
+    return at::einsum("btn,t->bn", {taps_v.to(C.scalar_type()), kap});
+  };
+  const at::Tensor p = ff.scalar_type() == at::kChar ? psp_of(ff, 0) : ff.to(C.scalar_type());
+  const at::Tensor basal = at::addmm(b, p, W.t()).contiguous();
+  at::Tensor q, apical;
+  if (hidden) {
+    q = fb->scalar_type() == at::kChar ? psp_of(*fb, 1) : fb->to(C.scalar_type());
+    apical = c.has_value() ? at::addmm(*c, q, Y->t()) : at::mm(q, Y->t());
+    apical = apical.contiguous();
+    q = q.contiguous();
+  }
+  const bool conductances = flags[kConductances] != 0;
+  const bool apical_soma = flags[kApicalSoma] != 0;
+  const bool quirks = flags[kOriginalQuirks] != 0;
+  const bool draw = flags[kNumFlags] != 0;
+  const int n_rows = static_cast<int>(sums.size(1));
+  AT_DISPATCH_FLOATING_TYPES(C.scalar_type(), "segregated_layer_step_cpu", [&] {
+    using T = scalar_t;
+    T prm[kNumParams];
+    for (int i = 0; i < kNumParams; ++i) prm[i] = static_cast<T>(params[i]);
+    const T* bp = basal.const_data_ptr<T>();
+    const T* ap = hidden ? apical.const_data_ptr<T>() : nullptr;
+    const T* tp = teach.has_value() ? teach->const_data_ptr<T>() : nullptr;
+    const T* pp = p.contiguous().const_data_ptr<T>();
+    const at::Tensor pc = p.contiguous();
+    const T* qp = hidden ? q.const_data_ptr<T>() : nullptr;
+    T* Cp = C.mutable_data_ptr<T>();
+    T* lp = lam.mutable_data_ptr<T>();
+    T* Ap = hidden ? A.mutable_data_ptr<T>() : nullptr;
+    int8_t* rp = ring.mutable_data_ptr<int8_t>();
+    T* sp = sums.mutable_data_ptr<T>();
+    T* psp = psp_sum.mutable_data_ptr<T>();
+    T* fsp = (hidden && fb_sum.numel()) ? fb_sum.mutable_data_ptr<T>() : nullptr;
+    const int64_t* stp = step.const_data_ptr<int64_t>();
+    const int64_t* kp = lane_key.const_data_ptr<int64_t>();
+    const bool* acc = accumulate.const_data_ptr<bool>();
+    const int64_t n_in = pc.size(1);
+    const int64_t n_fb = hidden ? q.size(1) : 0;
+    (void)pp;
+    at::parallel_for(0, B, 1, [&](int64_t lo, int64_t hi) {
+      for (int64_t bl = lo; bl < hi; ++bl) {
+        T* Cr = Cp + bl * n;
+        T* lr = lp + bl * n;
+        for (int64_t j = 0; j < n; ++j) {
+          const T basal_j = bp[bl * n + j];
+          if (hidden) {
+            const T a = ap[bl * n + j];
+            Ap[bl * n + j] = a;
+            Cr[j] = soma_hidden<T>(Cr[j], basal_j, a, prm, conductances, apical_soma, quirks);
+          } else {
+            const bool tgt = tp != nullptr;
+            Cr[j] = soma_output<T>(Cr[j], basal_j, tgt ? tp[bl * n + j] : T(0), tgt, prm,
+                                   conductances);
+          }
+          lr[j] = prm[kLambdaMax] * sigmoid_exact<T>(Cr[j]);
+        }
+        if (draw) {
+          const int64_t t = stp[bl];
+          int8_t* slot = rp + (bl * taps + t % taps) * n;
+          for (int64_t g = 0; g < (n + 3) / 4; ++g) {
+            const Philox4 r = spike_block(static_cast<uint64_t>(seed), kp[bl], g,
+                                          static_cast<uint64_t>(t), kSpikeStream + static_cast<uint32_t>(pop));
+            for (int w = 0; w < 4 && 4 * g + w < n; ++w)
+              slot[4 * g + w] = static_cast<int8_t>(spike_count(unit_u32(r.v[w]),
+                                                                static_cast<double>(lr[4 * g + w])));
+          }
+        }
+        if (acc[bl]) {
+          T* srow = sp + bl * n_rows * n;
+          for (int64_t j = 0; j < n; ++j) {
+            srow[j] += Cr[j];
+            srow[n + j] += lr[j];
+            if (hidden) srow[2 * n + j] += Ap[bl * n + j];
+          }
+          const T* prow = pc.const_data_ptr<T>() + bl * n_in;
+          for (int64_t i = 0; i < n_in; ++i) psp[bl * n_in + i] += prow[i];
+          if (fsp)
+            for (int64_t i = 0; i < n_fb; ++i) fsp[bl * n_fb + i] += qp[bl * n_fb + i];
+        }
+      }
+    });
+  });
+  return basal;
+}
+
+// ---- event-driven basal input (building block) -------------------------------------------------------
+
+at::Tensor sparse_basal_cpu(const at::Tensor& W_t_, const at::Tensor& b_, const at::Tensor& ring_,
+                            const at::Tensor& step_, const at::Tensor& kappa) {
+  check_sparse_basal_args(W_t_, b_, ring_, step_, kappa);
+  const at::Tensor W_t = W_t_.contiguous();
+  const at::Tensor b = b_.contiguous();
+  const at::Tensor ring = ring_.contiguous();
+  const at::Tensor step = step_.contiguous();
+  const int64_t B = ring.size(0);
+  const int taps = static_cast<int>(ring.size(1));
+  const int64_t n_in = ring.size(2);
+  const int64_t n = W_t.size(1);
+  at::Tensor out = at::empty({B, n}, W_t.options());
+  AT_DISPATCH_FLOATING_TYPES(W_t.scalar_type(), "segregated_sparse_basal_cpu", [&] {
+    using T = scalar_t;
+    const at::Tensor kd = kappa.to(at::kDouble).contiguous();
+    std::vector<T> kap(taps);
+    for (int k = 0; k < taps; ++k) kap[k] = static_cast<T>(kd.const_data_ptr<double>()[k]);
+    const T* wt = W_t.const_data_ptr<T>();
+    const T* bp = b.const_data_ptr<T>();
+    const int8_t* rp = ring.const_data_ptr<int8_t>();
+    const int64_t* sp = step.const_data_ptr<int64_t>();
+    T* op = out.mutable_data_ptr<T>();
+    at::parallel_for(0, B, 1, [&](int64_t lo, int64_t hi) {
+      std::vector<T> R(n);
+      for (int64_t bl = lo; bl < hi; ++bl) {
+        T* o = op + bl * n;
+        std::fill(o, o + n, T(0));
+        for (int k = 1; k <= taps; ++k) {
+          const int64_t slot = ((sp[bl] - (k - 1)) % taps + taps) % taps;
+          const int8_t* s = rp + (bl * taps + slot) * n_in;
+          std::fill(R.begin(), R.end(), T(0));
+          for (int64_t i = 0; i < n_in; ++i) {
+            if (!s[i]) continue;
+            const T cnt = static_cast<T>(s[i]);
+            const T* row = wt + i * n;
+            for (int64_t j = 0; j < n; ++j) R[j] += cnt * row[j];
+          }
+          for (int64_t j = 0; j < n; ++j) o[j] += kap[k - 1] * R[j];
+        }
+        for (int64_t j = 0; j < n; ++j) o[j] += bp[j];
+      }
+    });
+  });
+  return out;
+}
+
+// ---- plasticity (building block and the rule's update) -------------------------------------------------
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> plasticity_cpu(
+    int64_t kind, const at::Tensor& C_f_, const at::Tensor& P_f, const at::Tensor& a_,
+    const std::optional<at::Tensor>& b_opt, const std::optional<at::Tensor>& A_f_opt,
+    const std::optional<at::Tensor>& Q_f, double lambda_max, double gain, double scale,
+    double fb_gain, double fb_scale) {
+  check_plasticity_args(kind, C_f_, P_f, a_, b_opt, A_f_opt, Q_f);
+  const at::Tensor C_f = C_f_.contiguous();
+  const at::Tensor a = a_.contiguous();
+  const at::Tensor b = b_opt.has_value() ? b_opt->contiguous() : at::Tensor();
+  const bool learn_fb = Q_f.has_value();
+  const at::Tensor A_f = learn_fb ? A_f_opt->contiguous() : at::Tensor();
+  const int64_t B = C_f.size(0);
+  const int64_t n = C_f.size(1);
+  at::Tensor e = at::empty_like(C_f);
+  at::Tensor e_fb = learn_fb ? at::empty_like(C_f) : at::Tensor();
+  AT_DISPATCH_FLOATING_TYPES(C_f.scalar_type(), "segregated_plasticity_cpu", [&] {
+    using T = scalar_t;
+    const T* cp = C_f.const_data_ptr<T>();
+    const T* ap = a.const_data_ptr<T>();
+    const T* bp = b.defined() ? b.const_data_ptr<T>() : nullptr;
+    const T* afp = learn_fb ? A_f.const_data_ptr<T>() : nullptr;
+    T* ep = e.mutable_data_ptr<T>();
+    T* efp = learn_fb ? e_fb.mutable_data_ptr<T>() : nullptr;
+    const T lmax = static_cast<T>(lambda_max);
+    const T coef = static_cast<T>(gain * lambda_max);
+    const T fgain = static_cast<T>(fb_gain);
+    at::parallel_for(0, B * n, 4096, [&](int64_t lo, int64_t hi) {
+      for (int64_t i = lo; i < hi; ++i) {
+        const T s = sigmoid_exact<T>(cp[i]);
+        const T ds = s * (T(1) - s);
+        T drive;
+        if (kind == kKindOutput) drive = ap[i] - lmax * s;
+        else if (kind == kKindHidden) drive = sigmoid_exact<T>(ap[i]) - sigmoid_exact<T>(bp[i]);
+        else drive = ap[i];
+        ep[i] = drive * ds * coef;
+        if (efp) {
+          const T sa = sigmoid_exact<T>(afp[i]);
+          efp[i] = (lmax * s - sa) * (sa * (T(1) - sa)) * fgain;
+        }
+      }
+    });
+  });
+  at::Tensor gW = at::mm(e.t(), P_f).mul_(scale);
+  at::Tensor gb = e.sum(0).mul_(scale);
+  at::Tensor gY = learn_fb ? at::mm(e_fb.t(), *Q_f).mul_(fb_scale) : at::empty({0}, C_f.options());
+  at::Tensor gc = learn_fb ? e_fb.sum(0).mul_(fb_scale) : at::empty({0}, C_f.options());
+  return {e, gW, gb, gY, gc};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(bpdl, CPU, m) {
+  m.impl("segregated_layer_step", &layer_step_cpu);
+  m.impl("segregated_sparse_basal", &sparse_basal_cpu);
+  m.impl("segregated_plasticity", &plasticity_cpu);
+  m.impl("segregated_train_example", &train_example_cpu);
+  m.impl("segregated_test", &test_cpu);
+}
+
+}  // namespace bpdl

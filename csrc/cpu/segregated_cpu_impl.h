@@ -1,0 +1,642 @@
+// The per-lane simulation loops of the segregated-dendrite CPU kernels.
+//
+// This file is included twice by segregated_cpu.cpp, once per instruction set (the namespace
+// BPDL_SEG_IMPL_NS is impl_base or impl_avx2, the latter inside `#pragma GCC target("avx2,fma")`),
+// so that the same source is compiled for the baseline x86-64 and for AVX2/FMA and chosen at
+// run time. Everything here has internal linkage and calls only code defined before the
+// inclusion, which keeps the two builds from mixing (no one-definition-rule clashes).
+//
+// Math: ALGORITHMS.md section 5, reference python/bpdl/functional/segregated.py. The kernels
+// follow the reference step by step but compute the basal input event-driven (section 5.17 b):
+// a ring R of the last `taps` vectors W s(tau) (sums of W's columns of the units that spiked)
+// gives B(t) = sum_k kappa(k) R(t - k + 1) + b, and the mean input PSP of the plasticity rule
+// is accumulated per spike with the closed-form weight of section 5.17 b.
+
+namespace BPDL_SEG_IMPL_NS {
+
+using ::bpdl::seg::kLaneShift;
+using ::bpdl::seg::kSpikeStream;
+using ::bpdl::seg::spike_block;
+using ::bpdl::seg::unit_u32;
+using namespace ::bpdl::seg;  // parameter and flag indices
+
+// Local copies of the scalar math (exp_approx, sigmoid, soma_hidden, soma_output), compiled
+// for this instruction set so that they inline into the loops below.
+#include "bpdl/segregated_math.inc"
+
+// ---- Philox blocks for consecutive spike groups ------------------------------------------------
+
+#if defined(BPDL_SEG_IMPL_AVX2)
+inline void mulhilo8(__m256i m, __m256i c, __m256i* hi, __m256i* lo) {
+  const __m256i even = _mm256_mul_epu32(c, m);
+  const __m256i odd = _mm256_mul_epu32(_mm256_srli_epi64(c, 32), m);
+  *lo = _mm256_blend_epi32(even, _mm256_slli_epi64(odd, 32), 0xAA);
+  *hi = _mm256_blend_epi32(_mm256_srli_epi64(even, 32), odd, 0xAA);
+}
+#endif
+
+#if defined(BPDL_SEG_IMPL_AVX2)
+// Ten Philox rounds on two independent sets of eight blocks (interleaved to hide the multiply
+// latency), then a 4x8 transpose so that out[4 i + w] is word w of block i.
+inline void philox16(__m256i a0, __m256i a1, __m256i b0, __m256i b1, uint32_t step,
+                     uint32_t stream, uint64_t seed, uint32_t* out) {
+  const __m256i m0 = _mm256_set1_epi64x(0xD2511F53u), m1 = _mm256_set1_epi64x(0xCD9E8D57u);
+  __m256i a2 = _mm256_set1_epi32(static_cast<int>(step)), a3 = _mm256_set1_epi32(static_cast<int>(stream));
+  __m256i b2 = a2, b3 = a3;
+  uint32_t k0 = static_cast<uint32_t>(seed), k1 = static_cast<uint32_t>(seed >> 32);
+  for (int round = 0; round < 10; ++round) {
+    __m256i ahi0, alo0, ahi1, alo1, bhi0, blo0, bhi1, blo1;
+    mulhilo8(m0, a0, &ahi0, &alo0);
+    mulhilo8(m0, b0, &bhi0, &blo0);
+    mulhilo8(m1, a2, &ahi1, &alo1);
+    mulhilo8(m1, b2, &bhi1, &blo1);
+    const __m256i K0 = _mm256_set1_epi32(static_cast<int>(k0));
+    const __m256i K1 = _mm256_set1_epi32(static_cast<int>(k1));
+    a0 = _mm256_xor_si256(_mm256_xor_si256(ahi1, a1), K0);
+    b0 = _mm256_xor_si256(_mm256_xor_si256(bhi1, b1), K0);
+    a2 = _mm256_xor_si256(_mm256_xor_si256(ahi0, a3), K1);
+    b2 = _mm256_xor_si256(_mm256_xor_si256(bhi0, b3), K1);
+    a1 = alo1;
+    b1 = blo1;
+    a3 = alo0;
+    b3 = blo0;
+    k0 += 0x9E3779B9u;
+    k1 += 0xBB67AE85u;
+  }
+  auto transpose_store = [](__m256i c0, __m256i c1, __m256i c2, __m256i c3, uint32_t* o) {
+    const __m256i t0 = _mm256_unpacklo_epi32(c0, c1), t1 = _mm256_unpacklo_epi32(c2, c3);
+    const __m256i t2 = _mm256_unpackhi_epi32(c0, c1), t3 = _mm256_unpackhi_epi32(c2, c3);
+    const __m256i r0 = _mm256_unpacklo_epi64(t0, t1), r1 = _mm256_unpackhi_epi64(t0, t1);
+    const __m256i r2 = _mm256_unpacklo_epi64(t2, t3), r3 = _mm256_unpackhi_epi64(t2, t3);
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(o), _mm256_permute2x128_si256(r0, r1, 0x20));
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(o + 8), _mm256_permute2x128_si256(r2, r3, 0x20));
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(o + 16), _mm256_permute2x128_si256(r0, r1, 0x31));
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(o + 24), _mm256_permute2x128_si256(r2, r3, 0x31));
+  };
+  transpose_store(a0, a1, a2, a3, out);
+  transpose_store(b0, b1, b2, b3, out + 32);
+}
+#endif
+
+// out[4 i + w] = word w of the Philox block of group `groups[i]` (or g0 + i when groups is null).
+// The AVX2 build fills whole batches of 16 blocks: `out` must have room for n rounded up to 16.
+inline void philox_groups(uint64_t seed, int64_t lane_key, const int64_t* groups, int64_t g0,
+                          int64_t n, uint64_t step, uint32_t stream, uint32_t* out) {
+  int64_t i = 0;
+#if defined(BPDL_SEG_IMPL_AVX2)
+  const uint64_t base = (static_cast<uint64_t>(lane_key) << kLaneShift);
+  alignas(32) uint32_t lo[16], hi[16];
+  for (; i < n; i += 16) {
+    for (int j = 0; j < 16; ++j) {
+      const int64_t k = i + j < n ? i + j : n - 1;  // padding repeats the last block
+      const uint64_t g = base + static_cast<uint64_t>(groups ? groups[k] : g0 + k);
+      lo[j] = static_cast<uint32_t>(g);
+      hi[j] = static_cast<uint32_t>(g >> 32);
+    }
+    philox16(_mm256_load_si256(reinterpret_cast<const __m256i*>(lo)),
+             _mm256_load_si256(reinterpret_cast<const __m256i*>(hi)),
+             _mm256_load_si256(reinterpret_cast<const __m256i*>(lo + 8)),
+             _mm256_load_si256(reinterpret_cast<const __m256i*>(hi + 8)),
+             static_cast<uint32_t>(step), stream, seed, out + 4 * i);
+  }
+#endif
+  for (; i < n; ++i) {
+    const Philox4 r = spike_block(seed, lane_key, groups ? groups[i] : g0 + i, step, stream);
+    uint32_t* o = out + 4 * i;
+    o[0] = r.v[0];
+    o[1] = r.v[1];
+    o[2] = r.v[2];
+    o[3] = r.v[3];
+  }
+}
+
+// ---- small vector loops --------------------------------------------------------------------------
+
+template <typename T>
+inline void axpy(T* __restrict__ y, T a, const T* __restrict__ x, int64_t n) {
+  for (int64_t j = 0; j < n; ++j) y[j] += a * x[j];
+}
+
+template <typename T>
+inline void add_to(T* __restrict__ y, const T* __restrict__ x, int64_t n) {
+  for (int64_t j = 0; j < n; ++j) y[j] += x[j];
+}
+
+// lambda = lambda_max sigma(C), and e^-lambda in float for the spike pre-test (~1e-7 relative:
+// a degree-6 Taylor series when lambda_max <= 0.25, whose remainder is below 6e-9 there).
+template <typename T>
+inline void rates(const T* __restrict__ C, T* __restrict__ lam, float* __restrict__ e_neg,
+                  T lambda_max, int64_t n) {
+  if (lambda_max <= T(0.25)) {
+    for (int64_t j = 0; j < n; ++j) {
+      const T l = lambda_max * BPDL_SEG_IMPL_NS::sigmoid(C[j]);
+      lam[j] = l;
+      const float x = -static_cast<float>(l);
+      e_neg[j] = 1.0f + x * (1.0f + x * (0.5f + x * (1.6666667e-1f + x * (4.1666668e-2f +
+                 x * (8.3333338e-3f + x * 1.3888889e-3f)))));
+    }
+    return;
+  }
+  for (int64_t j = 0; j < n; ++j) {
+    const T l = lambda_max * BPDL_SEG_IMPL_NS::sigmoid(C[j]);
+    lam[j] = l;
+    e_neg[j] = exp_approx(-static_cast<float>(l));
+  }
+}
+
+// FIR of a ring of T-vectors: out = bias + sum_k kappa(k) ring[(t - k + 1 - delay) mod T], in
+// one pass over the outputs (each output is loaded and stored once).
+template <typename T>
+inline void fir(T* __restrict__ out, const T* __restrict__ bias, const T* __restrict__ ring,
+                const T* kappa, int taps, int64_t t, int delay, int64_t n) {
+  constexpr int kChunk = 5;  // ten taps = two passes
+  for (int64_t j = 0; j < n; ++j) out[j] = bias ? bias[j] : T(0);
+  for (int k0 = 1; k0 <= taps; k0 += kChunk) {
+    const int kn = std::min(taps, k0 + kChunk - 1);
+    const T* rows[kChunk];
+    T w[kChunk];
+    int used = 0;
+    for (int k = k0; k <= kn; ++k, ++used) {
+      const int64_t slot = ((t - k + 1 - delay) % taps + taps) % taps;
+      rows[used] = ring + slot * n;
+      w[used] = kappa[k - 1];
+    }
+    for (; used < kChunk; ++used) {  // pad with zero-weight rows
+      rows[used] = rows[0];
+      w[used] = T(0);
+    }
+    for (int64_t j = 0; j < n; ++j)
+      out[j] += w[0] * rows[0][j] + w[1] * rows[1][j] + w[2] * rows[2][j] + w[3] * rows[3][j] +
+                w[4] * rows[4][j];
+  }
+}
+
+// PSP of an int8 spike ring: out = sum_k kappa(k) S(t - k + 1 - delay), scanning for spikes.
+template <typename T>
+inline void psp_int8(T* __restrict__ out, const int8_t* __restrict__ ring, const T* kappa,
+                     int taps, int64_t t, int delay, int64_t n) {
+  for (int64_t j = 0; j < n; ++j) out[j] = T(0);
+  for (int k = 1; k <= taps; ++k) {
+    const int64_t slot = ((t - k + 1 - delay) % taps + taps) % taps;
+    const int8_t* s = ring + slot * n;
+    const T kk = kappa[k - 1];
+    for (int64_t j = 0; j < n; ++j) {
+      if (s[j]) out[j] += kk * static_cast<T>(s[j]);
+    }
+  }
+}
+
+// out = bias + M v for a row-major (rows, cols) matrix; zero entries of v are skipped.
+template <typename T>
+inline void matvec(T* __restrict__ out, const T* bias, const T* __restrict__ M,
+                   const T* __restrict__ v, int64_t rows, int64_t cols) {
+  for (int64_t r = 0; r < rows; ++r) {
+    const T* row = M + r * cols;
+    T acc = T(0);
+    for (int64_t c = 0; c < cols; ++c) acc += row[c] * v[c];
+    out[r] = bias ? acc + bias[r] : acc;
+  }
+}
+
+// Sum of W's columns weighted by spike counts: out = sum_e cnt_e WT[idx_e, :], four events per
+// pass over the output.
+template <typename T>
+inline void gather_rows(T* __restrict__ out, const T* __restrict__ WT, const int32_t* idx,
+                        const int8_t* cnt, int64_t events, int64_t n) {
+  for (int64_t j = 0; j < n; ++j) out[j] = T(0);
+  int64_t e = 0;
+  for (; e + 4 <= events; e += 4) {
+    const T* r0 = WT + idx[e] * n;
+    const T* r1 = WT + idx[e + 1] * n;
+    const T* r2 = WT + idx[e + 2] * n;
+    const T* r3 = WT + idx[e + 3] * n;
+    const T c0 = cnt[e], c1 = cnt[e + 1], c2 = cnt[e + 2], c3 = cnt[e + 3];
+    for (int64_t j = 0; j < n; ++j) out[j] += c0 * r0[j] + c1 * r1[j] + c2 * r2[j] + c3 * r3[j];
+  }
+  for (; e < events; ++e) axpy(out, static_cast<T>(cnt[e]), WT + idx[e] * n, n);
+}
+
+// Poisson count of mean `lambda` for the uniform of word `w`, knowing e^-lambda to ~1e-7
+// relative (`e_approx`): the sequential inversion runs with the approximate CDF, which is the
+// exact one times (1 + delta); whenever u falls within 1e-6 of a CDF value the exact
+// double-precision inversion decides instead, so the count always equals spike_count(u, lambda).
+struct Reciprocals {
+  double v[129];
+  Reciprocals() {
+    for (int k = 1; k < 129; ++k) v[k] = 1.0 / k;
+    v[0] = 0.0;
+  }
+};
+
+inline int count_from_word(uint32_t w, double lambda, float e_approx) {
+  static const Reciprocals inv;
+  const double u = unit_u32(w);
+  double p = static_cast<double>(e_approx);
+  double cdf = p;
+  int k = 0;
+  while (true) {
+    const double gap = u - cdf;
+    if ((gap < 0 ? -gap : gap) <= 1e-6 * cdf + 1e-12) return spike_count(u, lambda);
+    if (gap <= 0) return k;
+    if (k == 127) return 127;
+    ++k;
+    p *= lambda * inv.v[k];
+    cdf += p;
+  }
+}
+
+// Poisson counts for the neurons behind `words` (word i belongs to neuron idx[i], or i when idx
+// is null); writes the int8 ring slot (zeroed first) and the list of (index, count) of the units
+// that spiked. In float, with cdf_k the approximate CDF from e^-lambda (`e_neg`, ~1e-7 relative):
+// u > cdf_0 + d means at least one spike, u > cdf_1 + d at least two; a draw within d = 2e-6 of
+// cdf_0, cdf_1 or cdf_2, or beyond cdf_2, takes the exact double-precision inversion
+// (count_from_word / spike_count), so every count equals the reference's. The AVX2 build
+// decides eight draws at a time.
+template <typename T>
+inline int64_t counts_from_words(const uint32_t* __restrict__ words, const T* __restrict__ lam,
+                                 const float* __restrict__ e_neg, int64_t m,
+                                 const int32_t* __restrict__ idx, int64_t n,
+                                 int8_t* __restrict__ slot, int32_t* ev_idx, int8_t* ev_cnt,
+                                 uint8_t* __restrict__ scratch) {
+  (void)scratch;
+  for (int64_t j = 0; j < n; ++j) slot[j] = 0;
+  int64_t events = 0;
+  auto emit = [&](int64_t i, int k) {
+    if (!k) return;
+    const int64_t j = idx ? idx[i] : i;
+    slot[j] = static_cast<int8_t>(k);
+    ev_idx[events] = static_cast<int32_t>(j);
+    ev_cnt[events] = static_cast<int8_t>(k);
+    ++events;
+  };
+  int64_t i0 = 0;
+#if defined(BPDL_SEG_IMPL_AVX2)
+  const __m256 scale = _mm256_set1_ps(4.656612873077393e-10f);
+  const __m256 d = _mm256_set1_ps(2e-6f);
+  const __m256 half = _mm256_set1_ps(0.5f);
+  const __m256 sign = _mm256_set1_ps(-0.0f);
+  for (; i0 + 8 <= m; i0 += 8) {
+    const __m256i wv = _mm256_srli_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(words + i0)), 1);
+    const __m256 u = _mm256_mul_ps(_mm256_cvtepi32_ps(wv), scale);
+    const __m256 e = _mm256_loadu_ps(e_neg + i0);
+    __m256 l;
+    if constexpr (sizeof(T) == 4) {
+      l = _mm256_loadu_ps(reinterpret_cast<const float*>(lam) + i0);
+    } else {
+      l = _mm256_set_ps(static_cast<float>(lam[i0 + 7]), static_cast<float>(lam[i0 + 6]),
+                        static_cast<float>(lam[i0 + 5]), static_cast<float>(lam[i0 + 4]),
+                        static_cast<float>(lam[i0 + 3]), static_cast<float>(lam[i0 + 2]),
+                        static_cast<float>(lam[i0 + 1]), static_cast<float>(lam[i0]));
+    }
+    const __m256 el = _mm256_mul_ps(e, l);
+    const __m256 c1 = _mm256_add_ps(e, el);
+    const __m256 c2 = _mm256_add_ps(c1, _mm256_mul_ps(_mm256_mul_ps(el, l), half));
+    const __m256 gt0 = _mm256_cmp_ps(u, e, _CMP_GT_OQ);
+    const __m256 gt1 = _mm256_cmp_ps(u, c1, _CMP_GT_OQ);
+    __m256 amb = _mm256_cmp_ps(_mm256_andnot_ps(sign, _mm256_sub_ps(u, e)), d, _CMP_LE_OQ);
+    amb = _mm256_or_ps(amb, _mm256_cmp_ps(_mm256_andnot_ps(sign, _mm256_sub_ps(u, c1)), d, _CMP_LE_OQ));
+    amb = _mm256_or_ps(amb, _mm256_cmp_ps(_mm256_sub_ps(u, c2), _mm256_sub_ps(_mm256_setzero_ps(), d), _CMP_GE_OQ));
+    unsigned spikes = static_cast<unsigned>(_mm256_movemask_ps(_mm256_or_ps(gt0, amb)));
+    if (!spikes) continue;
+    const unsigned two = static_cast<unsigned>(_mm256_movemask_ps(gt1));
+    const unsigned exact = static_cast<unsigned>(_mm256_movemask_ps(amb));
+    while (spikes) {
+      const int b = __builtin_ctz(spikes);
+      spikes &= spikes - 1;
+      const int64_t i = i0 + b;
+      const int k = ((exact >> b) & 1u)
+                        ? spike_count(unit_u32(words[i]), static_cast<double>(lam[i]))
+                        : 1 + static_cast<int>((two >> b) & 1u);
+      emit(i, k);
+    }
+  }
+#endif
+  for (; i0 < m; ++i0) {
+    const float u = static_cast<float>(static_cast<int32_t>(words[i0] >> 1)) * 4.656612873077393e-10f;
+    if (u + 1e-6f > e_neg[i0]) emit(i0, count_from_word(words[i0], static_cast<double>(lam[i0]), e_neg[i0]));
+  }
+  return events;
+}
+
+// Events of one ring slot (for rebuilding R and for the pre-phase PSP weights).
+inline int64_t slot_events(const int8_t* slot, int64_t n, int32_t* ev_idx, int8_t* ev_cnt) {
+  int64_t events = 0;
+  for (int64_t j = 0; j < n; ++j) {
+    if (slot[j]) {
+      ev_idx[events] = static_cast<int32_t>(j);
+      ev_cnt[events] = slot[j];
+      ++events;
+    }
+  }
+  return events;
+}
+
+// ---- one lane ---------------------------------------------------------------------------------------
+
+template <typename T>
+struct Scratch {
+  std::vector<std::vector<T>> R, basal, q, qlast, Csum, lamsum, Psum, Qsum, Aout;
+  std::vector<std::vector<int32_t>> ev_idx;
+  std::vector<std::vector<int8_t>> ev_cnt;
+  std::vector<int64_t> ev_n;
+  std::vector<uint32_t> words;
+  std::vector<int64_t> in_groups;   // 4-input groups with a nonzero rate (only those draw)
+  int64_t in_groups_n = 0;
+  std::vector<int32_t> in_idx;      // input index of each drawn word
+  std::vector<T> in_lam;            // its rate
+  std::vector<float> in_e;          // e^-rate
+  std::vector<float> e_neg;         // e^-lambda of the layer being drawn
+  std::vector<uint8_t> cand;
+  std::vector<T> cw;
+  // test lanes keep their own state here
+  std::vector<int8_t> in_ring;
+  std::vector<std::vector<int8_t>> rings;
+  std::vector<std::vector<T>> C, lam, A;
+
+  explicit Scratch(const Net<T>& net) {
+    const int M = net.M;
+    const int taps = net.taps;
+    R.resize(M);
+    basal.resize(M);
+    Csum.resize(M);
+    lamsum.resize(M);
+    Psum.resize(M);
+    q.resize(M);
+    qlast.resize(M);
+    Qsum.resize(M);
+    Aout.resize(M);
+    int64_t widest = net.n[0];
+    for (int m = 0; m < M; ++m) {
+      const int64_t nm = net.n[m + 1];
+      widest = std::max(widest, nm);
+      R[m].assign(net.spiking_ff ? taps * nm : 0, T(0));
+      basal[m].assign(nm, T(0));
+      Csum[m].assign(nm, T(0));
+      lamsum[m].assign(nm, T(0));
+      Psum[m].assign(net.n[m], T(0));
+      if (m < M - 1) {
+        q[m].assign(net.nfb[m], T(0));
+        qlast[m].assign(net.nfb[m], T(0));
+        Qsum[m].assign(static_cast<size_t>(net.offsets_count) * net.nfb[m], T(0));
+        Aout[m].assign(nm, T(0));
+      }
+    }
+    ev_idx.assign(M + 1, std::vector<int32_t>());
+    ev_cnt.assign(M + 1, std::vector<int8_t>());
+    ev_n.assign(M + 1, 0);
+    for (int p = 0; p <= M; ++p) {
+      ev_idx[p].resize(net.n[p]);
+      ev_cnt[p].resize(net.n[p]);
+    }
+    words.resize(4 * ((widest + 3) / 4) + 128);
+    in_groups.resize((net.n[0] + 3) / 4);
+    in_idx.resize(4 * in_groups.size());
+    in_lam.resize(4 * in_groups.size());
+    in_e.resize(4 * in_groups.size());
+    e_neg.resize(widest + 4);
+    cand.resize(4 * (widest + 8));
+  }
+
+  void alloc_state(const Net<T>& net) {
+    const int M = net.M;
+    in_ring.assign(net.taps * net.n[0], 0);
+    rings.resize(M);
+    C.resize(M);
+    lam.resize(M);
+    A.resize(M);
+    for (int m = 0; m < M; ++m) {
+      rings[m].assign(net.taps * net.n[m + 1], 0);
+      C[m].assign(net.n[m + 1], T(0));
+      lam[m].assign(net.n[m + 1], T(0));
+      A[m].assign(m < M - 1 ? net.n[m + 1] : 0, T(0));
+    }
+  }
+
+  void zero_state() {
+    std::fill(in_ring.begin(), in_ring.end(), 0);
+    for (auto& v : rings) std::fill(v.begin(), v.end(), 0);
+    for (auto& v : C) std::fill(v.begin(), v.end(), T(0));
+    for (auto& v : lam) std::fill(v.begin(), v.end(), T(0));
+    for (auto& v : A) std::fill(v.begin(), v.end(), T(0));
+  }
+};
+
+// Where one lane's state lives (rows of the batched state tensors, or a test lane's scratch).
+template <typename T>
+struct LanePtrs {
+  int8_t* in_ring;
+  std::vector<int8_t*> rings;
+  std::vector<T*> C, lam, A;
+  int64_t* step;
+  int64_t lane_key;
+};
+
+// Simulate `length` steps of one phase in one lane. phase: 0 forward, 1 target, 2 test.
+template <typename T>
+void run_phase(const Net<T>& net, Scratch<T>& s, LanePtrs<T>& lp, const T* x, const T* teach,
+               const T* B0const, int64_t length, int64_t window, const int64_t* offsets_row,
+               int phase) {
+  const int M = net.M;
+  const int taps = net.taps;
+  const T* kappa = net.kappa.data();
+  const T* prm = net.prm;
+  const bool training = phase != 2;
+  const bool forward = phase == 0;
+  const bool target = phase == 1;
+  const int64_t ws = length - window;                  // first step of the averaging window
+  const int64_t pw0 = ws - (taps - 1);                 // first step whose spikes reach it
+  const int n_off = training ? net.offsets_count : 1;
+  const bool need_q = training || net.apical_soma;
+  for (int m = 0; m < M; ++m) {
+    std::fill(s.Csum[m].begin(), s.Csum[m].end(), T(0));
+    std::fill(s.lamsum[m].begin(), s.lamsum[m].end(), T(0));
+    if (forward) std::fill(s.Psum[m].begin(), s.Psum[m].end(), T(0));
+    if (m < M - 1) std::fill(s.Qsum[m].begin(), s.Qsum[m].end(), T(0));
+  }
+  // Closed-form PSP weight of a spike at step r for the window [ws, length - 1]:
+  // cw(r) = sum_k kappa(k) [ws <= r + k - 1 <= length - 1]  (section 5.17 b)
+  const bool sparse_psp = forward && net.spiking_ff;
+  if (sparse_psp) {
+    if (static_cast<int64_t>(s.cw.size()) < length + taps) s.cw.resize(length + taps);
+    for (int64_t r = pw0; r < length; ++r) {
+      T acc = T(0);
+      for (int k = 1; k <= taps; ++k) {
+        const int64_t when = r + k - 1;
+        if (when >= ws && when <= length - 1) acc += kappa[k - 1];
+      }
+      s.cw[r - pw0] = acc;
+    }
+    // spikes from before the phase that still reach the window
+    const int64_t t0 = *lp.step;
+    for (int64_t r = std::max<int64_t>(pw0, -(taps - 1)); r < 0; ++r) {
+      const int64_t slot = ((t0 + r) % taps + taps) % taps;
+      const T w = s.cw[r - pw0];
+      for (int m = 0; m < M; ++m) {
+        const int8_t* src = (m == 0 ? lp.in_ring : lp.rings[m - 1]) + slot * net.n[m];
+        for (int64_t i = 0; i < net.n[m]; ++i)
+          if (src[i]) s.Psum[m][i] += w * static_cast<T>(src[i]);
+      }
+    }
+  }
+  for (int64_t t_rel = 0; t_rel < length; ++t_rel) {
+    const int64_t t = *lp.step;
+    const int64_t slot = t % taps;
+    const bool in_win = t_rel >= ws;
+    const bool psp_due = sparse_psp && t_rel >= pw0;
+    const T cwt = psp_due ? s.cw[t_rel - pw0] : T(0);
+    // -- input layer
+    if (net.spiking_ff) {
+      int8_t* ring_slot = lp.in_ring + slot * net.n[0];
+      philox_groups(net.seed, lp.lane_key, s.in_groups.data(), 0, s.in_groups_n, t,
+                    kSpikeStream + 0, s.words.data());
+      s.ev_n[0] = counts_from_words(s.words.data(), s.in_lam.data(), s.in_e.data(),
+                                    4 * s.in_groups_n, s.in_idx.data(), net.n[0], ring_slot,
+                                    s.ev_idx[0].data(), s.ev_cnt[0].data(), s.cand.data());
+      gather_rows(s.R[0].data() + slot * net.n[1], net.WT[0], s.ev_idx[0].data(),
+                  s.ev_cnt[0].data(), s.ev_n[0], net.n[1]);
+      if (psp_due)
+        for (int64_t e = 0; e < s.ev_n[0]; ++e)
+          s.Psum[0][s.ev_idx[0][e]] += cwt * static_cast<T>(s.ev_cnt[0][e]);
+    } else if (forward && in_win) {
+      add_to(s.Psum[0].data(), x, net.n[0]);
+    }
+    for (int m = 0; m < M; ++m) {
+      const int64_t nm = net.n[m + 1];
+      T* basal = s.basal[m].data();
+      T* C = lp.C[m];
+      T* lam = lp.lam[m];
+      // -- basal potential
+      if (net.spiking_ff) {
+        fir(basal, net.b[m], s.R[m].data(), kappa, taps, t, 0, nm);
+      } else if (m == 0) {
+        for (int64_t j = 0; j < nm; ++j) basal[j] = B0const[j];
+      } else {
+        matvec(basal, net.b[m], net.W[m], lp.lam[m - 1], nm, net.n[m]);
+      }
+      if (m < M - 1) {
+        // -- feedback input q (one step stale) and apical potential
+        const int src = net.src[m];
+        const int64_t nfb = net.nfb[m];
+        T* q = s.q[m].data();
+        bool have_q = false;
+        bool q_due = need_q && (net.apical_soma || (training && t_rel >= ws - net.offsets_count)
+                                || (target && t_rel == length - 1));
+        if (q_due) {
+          if (net.spiking_fb) {
+            psp_int8(q, lp.rings[src], kappa, taps, t, 1, nfb);
+          } else {
+            for (int64_t i = 0; i < nfb; ++i) q[i] = lp.lam[src][i];
+          }
+          have_q = true;
+        }
+        T* A = lp.A[m];
+        if (net.apical_soma) {
+          matvec(A, net.c[m], net.Y[m], q, nm, nfb);
+          for (int64_t j = 0; j < nm; ++j)
+            C[j] = soma_hidden<T>(C[j], basal[j], A[j], prm, net.conductances, true,
+                                  net.original_quirks);
+        } else {
+          for (int64_t j = 0; j < nm; ++j)
+            C[j] = soma_hidden<T>(C[j], basal[j], T(0), prm, net.conductances, false,
+                                  net.original_quirks);
+        }
+        if (training && have_q) {
+          for (int o = 0; o < n_off; ++o) {
+            const int64_t end = length - 1 - o;
+            if (t_rel <= end && t_rel > end - window) add_to(s.Qsum[m].data() + o * nfb, q, nfb);
+          }
+        }
+        if (target && t_rel == length - 1 && have_q) {
+          for (int64_t i = 0; i < nfb; ++i) s.qlast[m][i] = q[i];
+        }
+      } else {
+        const bool tgt = target;
+        for (int64_t j = 0; j < nm; ++j)
+          C[j] = soma_output<T>(C[j], basal[j], tgt ? teach[j] : T(0), tgt, prm, net.conductances);
+      }
+      rates(C, lam, s.e_neg.data(), prm[kLambdaMax], nm);
+      if (in_win) {
+        add_to(s.Csum[m].data(), C, nm);
+        if (training) add_to(s.lamsum[m].data(), lam, nm);
+      }
+      // -- spikes
+      const bool draw = training ? net.need_train[m + 1] : net.need_test[m + 1];
+      if (draw) {
+        int8_t* ring_slot = lp.rings[m] + slot * nm;
+        philox_groups(net.seed, lp.lane_key, static_cast<const int64_t*>(nullptr), 0,
+                      (nm + 3) / 4, t, kSpikeStream + m + 1, s.words.data());
+        s.ev_n[m + 1] = counts_from_words(s.words.data(), lam, s.e_neg.data(), nm,
+                                          static_cast<const int32_t*>(nullptr), nm, ring_slot,
+                                          s.ev_idx[m + 1].data(), s.ev_cnt[m + 1].data(),
+                                          s.cand.data());
+      }
+      if (m < M - 1) {
+        if (net.spiking_ff) {
+          gather_rows(s.R[m + 1].data() + slot * net.n[m + 2], net.WT[m + 1],
+                      s.ev_idx[m + 1].data(), s.ev_cnt[m + 1].data(), s.ev_n[m + 1], net.n[m + 2]);
+          if (psp_due)
+            for (int64_t e = 0; e < s.ev_n[m + 1]; ++e)
+              s.Psum[m + 1][s.ev_idx[m + 1][e]] += cwt * static_cast<T>(s.ev_cnt[m + 1][e]);
+        } else if (forward && in_win) {
+          add_to(s.Psum[m + 1].data(), lam, nm);
+        }
+      }
+    }
+    *lp.step += 1;
+  }
+}
+
+// Rebuild the event-driven basal rings R from the spike rings and the current weights.
+template <typename T>
+void rebuild_R(const Net<T>& net, Scratch<T>& s, const LanePtrs<T>& lp) {
+  if (!net.spiking_ff) return;
+  for (int m = 0; m < net.M; ++m) {
+    const int8_t* ring = m == 0 ? lp.in_ring : lp.rings[m - 1];
+    const int64_t n_in = net.n[m];
+    for (int slot = 0; slot < net.taps; ++slot) {
+      const int64_t ev = slot_events(ring + slot * n_in, n_in, s.ev_idx[m].data(), s.ev_cnt[m].data());
+      gather_rows(s.R[m].data() + slot * net.n[m + 1], net.WT[m], s.ev_idx[m].data(),
+                  s.ev_cnt[m].data(), ev, net.n[m + 1]);
+    }
+  }
+}
+
+template <typename T>
+void input_groups(const Net<T>& net, Scratch<T>& s, const T* x) {
+  int64_t k = 0;
+  const int64_t groups = (net.n[0] + 3) / 4;
+  for (int64_t g = 0; g < groups; ++g) {
+    bool any = false;
+    for (int64_t j = 4 * g; j < std::min<int64_t>(4 * g + 4, net.n[0]); ++j) any = any || x[j] > T(0);
+    if (any) {
+      for (int w = 0; w < 4; ++w) {
+        const int64_t j = 4 * g + w;
+        const T rate = j < net.n[0] ? x[j] : T(0);
+        s.in_idx[4 * k + w] = static_cast<int32_t>(j);
+        s.in_lam[4 * k + w] = rate;
+        s.in_e[4 * k + w] = exp_approx(-static_cast<float>(rate));
+      }
+      s.in_groups[k++] = g;
+    }
+  }
+  s.in_groups_n = k;
+}
+
+// Apical averages from the feedback sums: A_i = Y_i . Q[off_i] / W + c_i.
+template <typename T>
+void apical_average(const Net<T>& net, const Scratch<T>& s, int m, int64_t window,
+                    const int64_t* offsets_row, T* out) {
+  const int64_t nm = net.n[m + 1];
+  const int64_t nfb = net.nfb[m];
+  const T inv = T(1) / static_cast<T>(window);
+  for (int64_t j = 0; j < nm; ++j) {
+    const int o = offsets_row ? static_cast<int>(offsets_row[j]) : 0;
+    const T* qs = s.Qsum[m].data() + o * nfb;
+    const T* row = net.Y[m] + j * nfb;
+    T acc = T(0);
+    for (int64_t i = 0; i < nfb; ++i) acc += row[i] * qs[i];
+    out[j] = acc * inv + (net.c[m] ? net.c[m][j] : T(0));
+  }
+}
+
+}  // namespace BPDL_SEG_IMPL_NS
