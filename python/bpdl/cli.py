@@ -120,20 +120,26 @@ def _config_from_args(args: argparse.Namespace, base: dict[str, Any] | None = No
     from bpdl.train import RunConfig
 
     d: dict[str, Any] = dict(base or {})
+    explicit: set[str] = set(d)
     if args.config is not None:
         try:
-            d.update(json.loads(Path(args.config).read_text()))
+            from_file = json.loads(Path(args.config).read_text())
         except (OSError, json.JSONDecodeError) as err:
             raise ConfigError(f"cannot read --config {args.config}: {err}") from err
+        d.update(from_file)
+        explicit.update(from_file)
     for key in ("model", "rule", "dataset", "optimizer", "lr", "epochs", "batch_size",
                 "max_examples", "eval_every", "test", "seed", "device", "threads"):
         value = getattr(args, key, None)
         if value is not None:
             d[key] = value
+            explicit.add(key)
     if args.val_size is not None:
         d["val_size"] = int(args.val_size) if args.val_size >= 1 else args.val_size
+        explicit.add("val_size")
     if args.layer_lrs is not None:
         d["layer_lrs"] = args.layer_lrs
+        explicit.add("layer_lrs")
     model_opts = dict(d.get("model_options", {}))
     for key in ("hidden", "activation", "channels", "kernel_size", "stride", "padding", "init"):
         value = getattr(args, key)
@@ -147,7 +153,22 @@ def _config_from_args(args: argparse.Namespace, base: dict[str, Any] | None = No
     opt_opts = dict(d.get("optimizer_options", {}))
     opt_opts.update(_key_values(args.opt, "--opt"))
     d["optimizer_options"] = opt_opts
-    return RunConfig.from_dict(d)
+    return RunConfig.from_dict(_with_rule_defaults(d, explicit))
+
+
+def _with_rule_defaults(d: dict[str, Any], explicit: set[str]) -> dict[str, Any]:
+    """Fill the fields the user did not set with the rule's run defaults (e.g. plain SGD with
+    the paper's per-layer rates for segregated dendrites)."""
+    from bpdl import rules
+
+    name = d.get("rule", "bp")
+    if name not in rules.RULES:
+        return d  # RunConfig validation reports the unknown name
+    out = dict(d)
+    for key, value in rules.get(name).run_defaults(dict(d, _explicit=sorted(explicit))).items():
+        if key not in explicit:
+            out[key] = value
+    return out
 
 
 def _download(args: argparse.Namespace) -> bool:
@@ -182,6 +203,10 @@ def cmd_train(args: argparse.Namespace) -> int:
 DEFAULT_COMPARISON: list[tuple[str, dict[str, Any]]] = [
     ("bp-mlp", {"model": "mlp", "rule": "bp"}),
     ("bp-cnn", {"model": "cnn", "rule": "bp"}),
+    # G17's spiking network, 784-500-10, SGD with the paper's rates rescaled for 32 lanes
+    ("segregated", {"model": "segregated", "rule": "segregated", "optimizer": "sgd",
+                    "batch_size": 32, "layer_lrs": [0.21, 0.039375],
+                    "model_options": {"hidden": [500]}}),
 ]
 
 
@@ -234,7 +259,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
 
 # ---- plot -------------------------------------------------------------------------------------
 
-PLOT_KINDS = ("curves", "weights", "alignment", "comparison")
+PLOT_KINDS = ("curves", "weights", "alignment", "comparison", "dynamics")
 
 
 def cmd_plot(args: argparse.Namespace) -> int:
@@ -262,8 +287,39 @@ def cmd_plot(args: argparse.Namespace) -> int:
         plots.plot_alignment(runs, out, labels=labels)
     elif kind == "comparison":
         plots.plot_comparison(runs, out, labels=labels, title=args.title)
+    elif kind == "dynamics":
+        from bpdl.dynamics import plot_run_dynamics
+
+        if len(runs) != 1:
+            raise ConfigError("`bpdl plot dynamics` takes one run directory")
+        _, trace = plot_run_dynamics(runs[0], out, example=args.example, neurons=args.neurons,
+                                     data_dir=args.data_dir, download=_download(args))
+        print(f"recorded {trace}")
     print(f"wrote {out.with_suffix('.png')} and {out.with_suffix('.pdf')}")
     return 0
+
+
+# ---- reproduce --------------------------------------------------------------------------------
+
+def cmd_reproduce(args: argparse.Namespace) -> int:
+    from bpdl.errors import ConfigError
+    from bpdl.segregated_experiments import run_guerguiev2017
+
+    if args.name != "guerguiev2017":
+        raise ConfigError(f"unknown experiment {args.name!r}; available: guerguiev2017")
+    out = Path(args.out) if args.out else Path("runs") / "reproduce" / (
+        f"guerguiev2017-{args.layers}layer" + ("" if args.variant == "fixed" else f"-{args.variant}"))
+    progress = False if args.no_progress else None
+    record = run_guerguiev2017(out, layers=args.layers, epochs=args.epochs,
+                               batch_size=args.batch_size, variant=args.variant,
+                               feedback_bias=args.feedback_bias, seed=args.seed,
+                               test_repeats=args.test_repeats, threads=args.threads,
+                               device=args.device, max_examples=args.max_examples,
+                               data_dir=args.data_dir, download=_download(args),
+                               progress=progress)
+    print((out / "reproduction.md").read_text())
+    print(f"figures: {out / 'figures' / 'test_error.png'} (and .pdf)")
+    return 3 if record["status"] == "diverged" else 0
 
 
 # ---- info -------------------------------------------------------------------------------------
@@ -355,7 +411,38 @@ def build_parser() -> argparse.ArgumentParser:
                    help="output path without suffix (PNG and PDF are written)")
     p.add_argument("--labels", default=None, help="comma-separated legend labels")
     p.add_argument("--title", default=None)
+    p.add_argument("--example", type=int, default=0,
+                   help="dynamics: index of the training example to record")
+    p.add_argument("--neurons", type=int, default=4, help="dynamics: neurons per layer")
+    p.add_argument("--data-dir", default=None, help="dynamics: dataset folder")
+    p.add_argument("--offline", action="store_true", help="dynamics: never download datasets")
     p.set_defaults(func=cmd_plot)
+
+    p = sub.add_parser("reproduce", help="rerun a published experiment",
+                       description="guerguiev2017: the MNIST experiment of Guerguiev, Lillicrap "
+                                   "& Richards (2017) with the segregated-dendrite network; "
+                                   "writes the run, reproduction.json/.md and the test-error "
+                                   "learning curve. Rerunning resumes.")
+    p.add_argument("name", help="guerguiev2017")
+    p.add_argument("--layers", type=int, default=1, choices=(0, 1, 2),
+                   help="hidden layers: 0 (784-10), 1 (784-500-10), 2 (784-500-100-10)")
+    p.add_argument("--variant", default="fixed", choices=("fixed", "sparse", "symmetric"),
+                   help="feedback weights (sparse/symmetric: 784-500-10 only)")
+    p.add_argument("--feedback-bias", default="none", choices=("none", "g23f", "ghead"))
+    p.add_argument("--epochs", type=int, default=60)
+    p.add_argument("--batch-size", type=int, default=None,
+                   help="lanes per update (default 32; the rates are rescaled for it)")
+    p.add_argument("--max-examples", type=int, default=None)
+    p.add_argument("--test-repeats", type=int, default=20,
+                   help="repeated tests of the final weights (the paper averages 20)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="auto")
+    p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--out", default=None)
+    p.add_argument("--data-dir", default=None)
+    p.add_argument("--offline", action="store_true")
+    p.add_argument("--no-progress", action="store_true")
+    p.set_defaults(func=cmd_reproduce)
 
     p = sub.add_parser("info", help="versions, compiled kernels, threads, data root")
     p.add_argument("--data-dir", default=None)

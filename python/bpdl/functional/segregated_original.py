@@ -67,8 +67,9 @@ class OriginalNetwork:
     def __init__(self, W: Sequence, b: Sequence, Y: Sequence, c: Sequence | None,
                  params: SimParams, spikes: SpikeDraw, etas: Sequence[float]):
         def arr(t):
-            return np.array(t.detach().cpu().double() if torch.is_tensor(t) else t,
-                            dtype=np.float64)
+            if torch.is_tensor(t):
+                return t.detach().cpu().double().numpy().copy()
+            return np.array(t, dtype=np.float64)
 
         self.p = params
         self.M = params.n_layers

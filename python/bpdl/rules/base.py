@@ -139,6 +139,14 @@ class Learner(nn.Module):
         """
         return {}
 
+    @classmethod
+    def run_defaults(cls, config: dict[str, Any]) -> dict[str, Any]:
+        """Run-config fields this rule needs by default, given the (partial) run config the user
+        asked for: the command line applies them to every field the user did not set.
+        Rules whose original algorithm assumes a particular optimiser (plain SGD with per-layer
+        rates for segregated dendrites) return it here; the base class returns nothing."""
+        return {}
+
     def extra_state_for_config(self) -> dict[str, Any]:
         """Anything the run config should record about this learner (e.g. the optimiser the
         rule assumes)."""

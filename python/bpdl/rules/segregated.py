@@ -58,6 +58,18 @@ QUICK_TEST_INTERVAL = 1000
 EVAL_CHUNK = 2048
 
 
+#: Default minibatch (lanes simulated in parallel). Large enough to amortise the per-batch
+#: work (weight update, optimiser step) on a CPU, small enough to keep learning per example
+#: close to the online algorithm with the rescaled rates of :func:`batch_layer_lrs`.
+DEFAULT_BATCH_SIZE = 32
+#: Lanes per update up to which the paper's per-example rates are applied unscaled (summed
+#: updates), for the hidden layers and the output layer; above, the summed update is scaled
+#: by LANES / batch (a fixed total step per update). From the sweep in benchmarks/RESULTS.md
+#: (hidden layers tolerate summing at least 64 lanes, the output layer about 6).
+HIDDEN_LANES = 64.0
+OUTPUT_LANES = 6.0
+
+
 def paper_layer_lrs(n_hidden: int) -> tuple[float, ...]:
     """G17's per-layer learning rates for a network with ``n_hidden`` hidden layers; deeper
     networks repeat the first hidden rate and keep the output rate of the deepest published
@@ -66,6 +78,25 @@ def paper_layer_lrs(n_hidden: int) -> tuple[float, ...]:
         return PAPER_LAYER_LRS[n_hidden]
     deepest = PAPER_LAYER_LRS[2]
     return (deepest[0],) * n_hidden + (deepest[-1],)
+
+
+def batch_layer_lrs(n_hidden: int, batch_size: int) -> tuple[float, ...]:
+    """Per-layer SGD rates for minibatches of ``batch_size`` lanes with summed updates: the
+    paper's rates times min(1, HIDDEN_LANES / B) (hidden layers) and min(1, OUTPUT_LANES / B)
+    (output layer).
+
+    Summing B lanes' updates computed with the same (stale) weights multiplies the step by B;
+    the output layer's step (eta P_1 k_D lambda_max = 18 per example) already sits near the
+    edge where outputs overshoot into saturation (sigma' ~ 0) and stop learning, so it
+    tolerates about six summed examples, while the hidden layers (3.6 per example) learn best
+    with the plain sum of at least 64 lanes. With one lane the rates are the paper's.
+    """
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise ConfigError(f"batch_size must be a positive integer, got {batch_size!r}")
+    rates = paper_layer_lrs(n_hidden)
+    hidden = min(1.0, HIDDEN_LANES / batch_size)
+    output = min(1.0, OUTPUT_LANES / batch_size)
+    return tuple(r * hidden for r in rates[:-1]) + (rates[-1] * output,)
 
 
 @dataclass(frozen=True)
@@ -108,14 +139,23 @@ class SegregatedConfig:
                 require_positive(f"feedback_lrs[{i}]", v)
 
 
+_KERNELS: dict[str, bool] = {}
+
+
 def kernels_available(device: torch.device) -> bool:
     """Whether the fused segregated-dendrite kernels are compiled for ``device``."""
-    try:
-        dump = torch._C._dispatch_dump("bpdl::segregated_train_example")
-    except RuntimeError:
-        return False
     key = "CUDA" if device.type == "cuda" else "CPU"
-    return f"\n{key}: registered" in dump
+    if key not in _KERNELS:
+        try:
+            dump = torch._C._dispatch_dump("bpdl::segregated_train_example")
+        except RuntimeError:
+            dump = ""
+        _KERNELS[key] = f"\n{key}: registered" in dump
+    return _KERNELS[key]
+
+
+#: Examples per block of cached phase-length draws (one vectorised draw per block).
+PLAN_BLOCK = 1 << 14
 
 
 @RULES.register("segregated")
@@ -185,6 +225,23 @@ class SegregatedDendrites(Learner):
     def weight_layers(self) -> OrderedDict[str, Tensor]:
         return OrderedDict((f"layers.{m}", layer.weight) for m, layer in enumerate(self.net.layers))
 
+    @classmethod
+    def run_defaults(cls, config: dict[str, Any]) -> dict[str, Any]:
+        """Plain SGD with the paper's per-layer rates, rescaled for the batch size
+        (:func:`batch_layer_lrs`), and a batch of DEFAULT_BATCH_SIZE lanes; a learning rate the
+        user gave applies to every layer instead."""
+        explicit = set(config.get("_explicit", ()))
+        out: dict[str, Any] = {"optimizer": "sgd"}
+        batch = config.get("batch_size") if "batch_size" in explicit else DEFAULT_BATCH_SIZE
+        out["batch_size"] = batch
+        if "lr" not in explicit and "optimizer" not in explicit:
+            hidden = (config.get("model_options") or {}).get("hidden", (500,))
+            try:
+                out["layer_lrs"] = list(batch_layer_lrs(len(hidden), int(batch)))
+            except (ConfigError, TypeError, ValueError):
+                pass  # the run config's validation reports the bad value
+        return out
+
     def extra_state_for_config(self) -> dict[str, Any]:
         return {"assumes_optimizer": "sgd (momentum 0, no weight decay), per-layer rates",
                 "paper_layer_lrs": list(paper_layer_lrs(self.net.n_hidden)),
@@ -199,7 +256,8 @@ class SegregatedDendrites(Learner):
         self.test_seed = int(state["test_seed"])
         self.probe_seed = (self.seed + 1) % 2**62
         lanes = state.get("lanes")
-        self.lanes = None if lanes is None else seg.LaneState.from_dict(lanes)
+        # copies: a state dict taken from a live learner must not alias its lanes
+        self.lanes = None if lanes is None else seg.LaneState.from_dict(lanes).clone()
 
     def _apply(self, fn, recurse=True):  # keep the lane state on the module's device
         out = super()._apply(fn, recurse)
@@ -254,8 +312,7 @@ class SegregatedDendrites(Learner):
         if shared and B:
             key = torch.full_like(key, int(key[0]))
         if p.random_phase_lengths:
-            lengths[:, 0] += seg.wald_extensions(key, 0, seed)
-            lengths[:, 1] += seg.wald_extensions(key, 1, seed)
+            lengths += self._extensions(key, seed)
         windows = p.windows(lengths)
         offsets = None
         if p.random_plateaus:
@@ -268,6 +325,25 @@ class SegregatedDendrites(Learner):
         device = self.net.layers[0].weight.device
         return (lengths.to(device), windows.to(device),
                 None if offsets is None else [o.to(device) for o in offsets])
+
+    def _extensions(self, example: Tensor, seed: int) -> Tensor:
+        """floor(Wald(2, 1)) extensions (B, 2) of the forward and target phase of each example,
+        drawn a block of PLAN_BLOCK examples at a time and cached (the draws are keyed by the
+        example index, so caching changes nothing but the cost)."""
+        out = torch.empty(example.shape[0], 2, dtype=torch.int64)
+        blocks = torch.div(example, PLAN_BLOCK, rounding_mode="floor")
+        cache = self.__dict__.setdefault("_plan_cache", {})
+        for block in blocks.unique().tolist():
+            key = (seed, block)
+            if key not in cache:
+                if len(cache) > 8:
+                    cache.clear()
+                idx = torch.arange(block * PLAN_BLOCK, (block + 1) * PLAN_BLOCK)
+                cache[key] = torch.stack([seg.wald_extensions(idx, 0, seed),
+                                          seg.wald_extensions(idx, 1, seed)], dim=1)
+            sel = blocks == block
+            out[sel] = cache[key][example[sel] - block * PLAN_BLOCK]
+        return out
 
     # ---- simulation -----------------------------------------------------------------------------
     def _net_tensors(self) -> tuple[list[Tensor], list[Tensor], list[Tensor], list[Tensor | None]]:

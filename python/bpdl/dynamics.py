@@ -1,0 +1,168 @@
+"""Recording and plotting the dynamics of a trained segregated-dendrite network.
+
+:func:`record_run_dynamics` rebuilds the learner of a run directory from its last checkpoint and
+records one training example (forward and target phase) with
+:meth:`bpdl.rules.segregated.SegregatedDendrites.record_dynamics`: the basal, apical and somatic
+potentials, rates and spikes of chosen neurons at every step, and the plateau potentials of the
+hidden layers. :func:`plot_dynamics` draws them next to the per-layer alignment angles the run
+logged at each evaluation. ``bpdl plot dynamics RUN_DIR`` is the command-line front end.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+from matplotlib.figure import Figure
+
+from bpdl.errors import ConfigError, RunDirError
+
+__all__ = ["record_run_dynamics", "plot_dynamics"]
+
+
+def record_run_dynamics(run_dir: str | os.PathLike, example: int = 0, neurons: int = 4,
+                        data_dir: str | None = None, download: bool = False) -> dict[str, Any]:
+    """Record the dynamics of training example ``example`` (an index into the run's training
+    set) with the run's last checkpoint; ``neurons`` per layer. Returns the trace (JSON-ready)."""
+    from bpdl import data as bdata
+    from bpdl import nn as bnn
+    from bpdl import rules
+    from bpdl.train import RunConfig
+
+    path = Path(run_dir)
+    ckpt_path = path / "checkpoints" / "last.pt"
+    if not (path / "config.json").exists() or not ckpt_path.exists():
+        raise RunDirError(f"{path} has no config.json and checkpoints/last.pt; pass a run directory "
+                          f"written by `bpdl train` with the segregated rule")
+    cfg = RunConfig.from_dict(json.loads((path / "config.json").read_text()))
+    if cfg.rule != "segregated":
+        raise ConfigError(f"`bpdl plot dynamics` needs a segregated-dendrite run; {path} trained "
+                          f"rule {cfg.rule!r}")
+    shape, classes = bdata.dataset_info(cfg.dataset)
+    torch.manual_seed(cfg.seed)
+    model = bnn.build_model(cfg.model, shape, classes, cfg.model_options)
+    learner = rules.build(cfg.rule, model, cfg.rule_options, model_name=cfg.model)
+    ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=False)
+    learner.load_state_dict(ckpt["learner"])
+    train = bdata.load_dataset(cfg.dataset, "train", data_dir, download)
+    if not 0 <= example < len(train):
+        raise ConfigError(f"example must be in [0, {len(train) - 1}], got {example}")
+    x = bdata.to_float(train.images[example:example + 1])
+    y = train.labels[example:example + 1]
+    trace = learner.record_dynamics(x, y, neurons=neurons)
+    trace["example"] = example
+    trace["examples_trained"] = int(ckpt["loop"]["examples"])
+    return trace
+
+
+def _history(run_dir: Path) -> list[dict[str, Any]]:
+    metrics = run_dir / "metrics.jsonl"
+    if not metrics.exists():
+        return []
+    out = []
+    for line in metrics.read_text().splitlines():
+        try:
+            out.append(json.loads(line))
+        except json.JSONDecodeError:
+            break
+    return out
+
+
+def plot_dynamics(trace: dict[str, Any], history: list[dict[str, Any]] | None = None,
+                  out: str | os.PathLike | None = None, title: str | None = None) -> Figure:
+    """One row per layer: somatic (solid), basal (dashed) and apical (dotted) potentials of the
+    recorded neurons over the forward and target phase (averaging windows shaded, the phase
+    boundary dashed, plateau potentials alpha_f and alpha_t annotated), and the spikes; a last
+    row with the per-layer angles between the rule's and backprop's updates over training."""
+    from bpdl.plots import save_figure
+
+    layers = sorted(trace["layers"], key=int)
+    phases = trace["phase"]
+    n_f = sum(1 for p in phases if p == "forward")
+    steps = list(range(len(phases)))
+    angle_rows = 1 if history and any(
+        any(k.startswith("angle") for v in rec.get("layers", {}).values() for k in v)
+        for rec in history) else 0
+    rows = len(layers) + angle_rows
+    fig = Figure(figsize=(12, 3.0 * rows))
+    axes = fig.subplots(rows, 2, squeeze=False, gridspec_kw={"width_ratios": [3, 1]})
+    L_f, L_t = trace["lengths"]
+    W_f, W_t = trace["windows"]
+    for row, layer in enumerate(layers):
+        ax, ax_sp = axes[row]
+        data = trace["layers"][layer]
+        neurons = trace["neurons"][layer]
+        hidden = layer in trace.get("plateaus", {})
+        for i, n in enumerate(neurons):
+            color = f"C{i % 10}"
+            C = [v[i] for v in data["C"]]
+            B = [v[i] for v in data["B"]]
+            ax.plot(steps, C, "-", color=color, lw=1.2, label=f"neuron {n} C")
+            ax.plot(steps, B, "--", color=color, lw=0.8, alpha=0.8)
+            if hidden and data["A"][0] is not None:
+                A = [v[i] for v in data["A"]]
+                ax.plot(steps, A, ":", color=color, lw=0.8)
+            spikes = data["spikes"]
+            if spikes and spikes[0] is not None:
+                times = [t for t, v in enumerate(spikes) if v[i] > 0]
+                ax_sp.vlines(times, i + 0.1, i + 0.9, color=color, lw=0.8)
+        ax.axvline(n_f - 0.5, color="k", ls="--", lw=0.8)
+        ax.axvspan(L_f - W_f - 0.5, L_f - 0.5, color="grey", alpha=0.12)
+        ax.axvspan(n_f + L_t - W_t - 0.5, n_f + L_t - 0.5, color="grey", alpha=0.12)
+        name = "output" if not hidden else f"hidden {layer}"
+        ax.set_ylabel(f"{name}: potential")
+        ax.grid(alpha=0.3)
+        if hidden:
+            pl = trace["plateaus"][layer]
+            text = ", ".join(f"{n}: {a:.2f}->{b:.2f}" for n, a, b in
+                             zip(neurons, pl["alpha_f"], pl["alpha_t"], strict=True))
+            ax.set_title(f"plateaus alpha_f->alpha_t  {text}", fontsize=8)
+        ax_sp.set_xlim(0, len(steps))
+        ax_sp.set_ylim(0, len(neurons))
+        ax_sp.set_yticks([i + 0.5 for i in range(len(neurons))], [str(n) for n in neurons])
+        ax_sp.axvline(n_f - 0.5, color="k", ls="--", lw=0.8)
+        ax_sp.set_title("spikes", fontsize=8)
+        if row == 0:
+            ax.legend(fontsize=7, loc="upper right", ncol=2)
+    axes[len(layers) - 1][0].set_xlabel("time step (forward phase, then target phase)")
+    if angle_rows:
+        ax, ax2 = axes[-1]
+        keys = ("angle_delta_example", "angle_bp")
+        for j, key in enumerate(keys):
+            names = sorted({n for rec in history for n, v in rec.get("layers", {}).items()
+                            if key in v})
+            for i, name in enumerate(names):
+                xs = [rec["epoch"] for rec in history if key in rec.get("layers", {}).get(name, {})]
+                ys = [rec["layers"][name][key] for rec in history
+                      if key in rec.get("layers", {}).get(name, {})]
+                ax.plot(xs, ys, "-" if j == 0 else "--", color=f"C{i}", marker=".",
+                        label=f"{name} {key}")
+        ax.axhline(90, color="grey", lw=0.8, ls=":")
+        ax.set_xlabel("epoch")
+        ax.set_ylabel("angle to backprop (degrees)")
+        ax.set_ylim(0, 120)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+        ax2.axis("off")
+    fig.suptitle(title or f"segregated dendrites: example {trace.get('example', 0)} "
+                          f"(label {trace['label']}) after {trace.get('examples_trained', '?')} "
+                          f"training examples")
+    if out is not None:
+        save_figure(fig, out)
+    return fig
+
+
+def plot_run_dynamics(run_dir: str | os.PathLike, out: str | os.PathLike | None = None,
+                      example: int = 0, neurons: int = 4, data_dir: str | None = None,
+                      download: bool = False) -> tuple[Figure, Path]:
+    """Record (and save as ``figures/dynamics.json``) and plot the dynamics of a run."""
+    path = Path(run_dir)
+    trace = record_run_dynamics(path, example, neurons, data_dir, download)
+    (path / "figures").mkdir(parents=True, exist_ok=True)
+    trace_path = path / "figures" / "dynamics.json"
+    trace_path.write_text(json.dumps(trace) + "\n")
+    fig = plot_dynamics(trace, _history(path), out if out is not None else path / "figures" / "dynamics")
+    return fig, trace_path

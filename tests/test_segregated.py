@@ -1,0 +1,350 @@
+"""The segregated-dendrite network and rule (G17): configuration and bad input, initialisation,
+the reproduction contract against a single-example port of the original algorithm, batching,
+checkpoints, analysis, training on real MNIST through the shared loop, and the command line."""
+
+from __future__ import annotations
+
+import json
+import math
+import pickle
+
+import numpy as np
+import pytest
+import torch
+from bpdl import data as bdata
+from bpdl import rules
+from bpdl.cli import main
+from bpdl.config import to_dict
+from bpdl.errors import ConfigError
+from bpdl.functional import segregated as seg
+from bpdl.functional.segregated_original import OriginalNetwork, philox_draws
+from bpdl.nn.segregated import SegregatedDendriteNet, SegregatedNetConfig
+from bpdl.rules.segregated import (
+    SegregatedConfig,
+    SegregatedDendrites,
+    batch_layer_lrs,
+    paper_layer_lrs,
+)
+from bpdl.train import RunConfig, train
+
+
+@pytest.fixture(scope="module")
+def mnist(shared_data_dir):
+    train_set = bdata.load_dataset("mnist", "train", str(shared_data_dir), download=False)
+    return train_set.subset(torch.arange(12000))
+
+
+def _learner(dtype="float32", backend="auto", seed=0, n_in=784, classes=10, **model_opts):
+    torch.manual_seed(seed)
+    net = SegregatedDendriteNet(n_in, classes, SegregatedNetConfig(**model_opts))
+    return SegregatedDendrites(net, SegregatedConfig(dtype=dtype, backend=backend, seed=123))
+
+
+def _sgd(learner, lrs):
+    return torch.optim.SGD([{"params": g["params"], "lr": lr}
+                            for g, lr in zip(learner.parameter_groups(), lrs, strict=True)], lr=0.1)
+
+
+# ---- configuration and bad input ------------------------------------------------------------------
+
+@pytest.mark.parametrize("options,match", [
+    (dict(hidden=(500, 0)), "positive integers"),
+    (dict(hidden=(-3,)), "positive integers"),
+    (dict(tau_s=-1.0), "tau_s must be > 0"),
+    (dict(lambda_max=-0.2), "lambda_max must be > 0"),
+    (dict(tau_L=3.0), "must differ"),
+    (dict(g_A=-0.1), "g_A must be a number >= 0"),
+    (dict(forward_steps=10), "shorter than the averaging window"),
+    (dict(window="paper", target_steps=25), "longer than 30 steps"),
+    (dict(test_steps=20), "leaves no averaging window"),
+    (dict(test_window=300), "longer than test_steps"),
+    (dict(noisy_symmetric=True), "needs symmetric_weights"),
+    (dict(symmetric_weights=True, learn_feedback=True), "exclude each other"),
+    (dict(hidden=(), sparse_feedback=True), "needs at least one hidden layer"),
+    (dict(mode="bursting"), "mode must be one of"),
+    (dict(feedback_bias="yes"), "feedback_bias must be one of"),
+])
+def test_model_options_are_validated(options, match):
+    with pytest.raises(ConfigError, match=match):
+        SegregatedNetConfig(**options)
+
+
+def test_rule_options_are_validated():
+    with pytest.raises(ConfigError, match="reduction must be one of"):
+        SegregatedConfig(reduction="max")
+    with pytest.raises(ConfigError, match="feedback_lrs"):
+        SegregatedConfig(feedback_lrs=(0.1, -1.0))
+    net = SegregatedDendriteNet(784, 10, SegregatedNetConfig(learn_feedback=True))
+    with pytest.raises(ConfigError, match="one feedback learning rate per hidden layer"):
+        SegregatedDendrites(net, SegregatedConfig())
+    net = SegregatedDendriteNet(784, 10, SegregatedNetConfig())
+    with pytest.raises(ConfigError, match="feedback weights are fixed"):
+        SegregatedDendrites(net, SegregatedConfig(feedback_lrs=(0.1,)))
+    with pytest.raises(ConfigError, match="segregated"):
+        rules.build("segregated", torch.nn.Linear(3, 2), {}, model_name="mlp")
+
+
+@pytest.mark.parametrize("x,match", [
+    (torch.full((2, 1, 28, 28), float("nan")), "NaN"),
+    (torch.full((2, 1, 28, 28), 1.5), r"in \[0, 1\]"),
+    (torch.full((2, 1, 28, 28), -0.1), r"in \[0, 1\]"),
+    (torch.zeros(2, 1, 20, 20), "input neurons"),
+    (torch.zeros(2, 784, dtype=torch.int64), "floating-point"),
+])
+def test_bad_inputs_are_rejected_before_simulation(x, match):
+    learner = _learner(hidden=(20,))
+    with pytest.raises(ConfigError, match=match):
+        learner.training_step(x, torch.tensor([0, 1]))
+    with pytest.raises(ConfigError, match=match):
+        learner.predict(x)
+    assert learner.lanes is None and int(learner.examples_seen) == 0  # nothing ran
+    with pytest.raises(ConfigError, match="labels"):
+        learner.training_step(torch.zeros(2, 784), torch.tensor([0, 10]))
+
+
+def test_configs_pickle_and_round_trip_json():
+    net_cfg = SegregatedNetConfig(hidden=(500, 100), window="paper", feedback_bias="g23f")
+    rule_cfg = SegregatedConfig(reduction="mean", feedback_lrs=None, seed=4)
+    for cfg in (net_cfg, rule_cfg):
+        assert pickle.loads(pickle.dumps(cfg)) == cfg
+        assert type(cfg)(**{k: (tuple(v) if isinstance(v, list) else v)
+                            for k, v in json.loads(json.dumps(to_dict(cfg))).items()}) == cfg
+    run = RunConfig(model="segregated", rule="segregated", model_options=to_dict(net_cfg),
+                    rule_options=to_dict(rule_cfg))
+    assert RunConfig.from_dict(json.loads(json.dumps(run.to_dict()))) == run
+    assert pickle.loads(pickle.dumps(run)) == run
+
+
+# ---- initialisation and feedback ---------------------------------------------------------------------
+
+def test_g23f_initialisation_moments():
+    torch.manual_seed(0)
+    net = SegregatedDendriteNet(784, 10, SegregatedNetConfig())
+    W0, W1 = net.weights[0].detach().double(), net.weights[1].detach().double()
+    assert float(W0.mean()) == pytest.approx(0.01871, abs=0.004)
+    assert float(W0.std()) == pytest.approx(0.5049, rel=0.01)
+    assert float(W1.std()) == pytest.approx(0.6321, rel=0.03)
+    assert float(W0.abs().max()) <= 0.01871 + 3.465 * 0.5049 / 2 + 1e-6  # uniform half-width
+    assert float(net.biases[0].detach().mean()) == pytest.approx(0.8, abs=0.001)
+    assert float(net.Y0.std()) == pytest.approx(0.632, rel=0.05)  # Y_0 = R I, zero mean
+    assert abs(float(net.Y0.mean())) < 0.03
+    torch.manual_seed(0)
+    head = SegregatedDendriteNet(784, 10, SegregatedNetConfig(init_version="ghead"))
+    assert float(head.weights[0].detach().std()) == pytest.approx(2 * 0.5049, rel=0.01)  # 2x (8.5)
+    assert float(head.Y0.mean()) == pytest.approx(0.0293, abs=0.02)
+
+
+def test_feedback_shapes_chain_and_variants():
+    torch.manual_seed(1)
+    net = SegregatedDendriteNet(784, 10, SegregatedNetConfig(hidden=(500, 100)))
+    assert net.Y0.shape == (500, 10) and net.Y1.shape == (100, 10)
+    assert float(net.Y1.std()) == pytest.approx(1.41, rel=0.1)
+    assert float(net.Y0.std()) == pytest.approx(8.9, rel=0.15)  # a product of random matrices
+    layer = SegregatedDendriteNet(784, 10, SegregatedNetConfig(hidden=(500, 100), broadcast=False))
+    assert layer.Y0.shape == (500, 100) and layer.Y1.shape == (100, 10)
+    sparse = SegregatedDendriteNet(784, 10, SegregatedNetConfig(sparse_feedback=True))
+    zeros = int((sparse.Y0 == 0).sum())
+    assert zeros == int(0.8 * 5000)
+    sym = SegregatedDendriteNet(784, 10, SegregatedNetConfig(hidden=(500, 100),
+                                                             symmetric_weights=True))
+    W1, W2 = sym.weights[1].detach().clone(), sym.weights[2].detach().clone()
+    torch.testing.assert_close(sym.Y1, W2.t())
+    torch.testing.assert_close(sym.Y0, W1.t() @ W2.t(), rtol=1e-5, atol=1e-5)
+    noisy = SegregatedDendriteNet(784, 10, SegregatedNetConfig(symmetric_weights=True,
+                                                               noisy_symmetric=True))
+    noise = noisy.Y0 - noisy.weights[1].detach().t()
+    assert float(noise.std()) == pytest.approx(0.05, rel=0.1)
+    with torch.no_grad():
+        sym.layers[2].weight.mul_(2.0)
+    sym.after_update_()
+    torch.testing.assert_close(sym.Y1, 2 * W2.t())
+
+
+def test_mean_field_forward_gives_class_scores():
+    net = SegregatedDendriteNet(784, 10, SegregatedNetConfig(neurons_per_class=2))
+    scores = net(torch.rand(3, 1, 28, 28))
+    assert scores.shape == (3, 10) and torch.isfinite(scores).all()
+
+
+# ---- the reproduction contract -------------------------------------------------------------------------
+
+@pytest.mark.parametrize("backend", ["reference", "kernels"])
+@pytest.mark.parametrize("variant", ["default", "rate", "layerwise_apical_bias"])
+def test_one_lane_follows_the_single_example_port_step_for_step(mnist, backend, variant):
+    """With one lane and float64, bpdl's batched simulator and the single-example port of the
+    original algorithm, driven by the same random numbers, end every example with the same
+    state and the same weights."""
+    opts = {"default": dict(hidden=(30,), test_steps=60),
+            "rate": dict(hidden=(30,), mode="rate"),
+            "layerwise_apical_bias": dict(hidden=(30, 12), broadcast=False, apical_conductance=True,
+                                          feedback_bias="g23f", test_steps=60)}[variant]
+    learner = _learner("float64", backend, **opts)
+    net = learner.net
+    lrs = paper_layer_lrs(net.n_hidden)
+    opt = _sgd(learner, lrs)
+    port = OriginalNetwork(net.weights, net.biases, net.feedback, net.feedback_bias, learner.params,
+                           philox_draws(learner.seed, lane_key=0), lrs)
+    for i in range(2):
+        x = bdata.to_float(mnist.images[i:i + 1], torch.float64)
+        y = mnist.labels[i:i + 1]
+        lengths, windows, offsets = learner.phase_plan(torch.tensor([i]), learner.seed)
+        loss, pred = port.train_example(x.reshape(-1).numpy(), np.eye(10)[int(y)],
+                                        tuple(lengths[0].tolist()), tuple(windows[0].tolist()))
+        opt.zero_grad()
+        stats = learner.training_step(x, y)
+        opt.step()
+        learner.after_step()
+        assert float(stats["loss"]) == pytest.approx(loss, rel=1e-9, abs=1e-12)
+        for m in range(net.n_hidden + 1):
+            np.testing.assert_allclose(net.weights[m].detach().numpy(), port.W[m], rtol=1e-10,
+                                       atol=1e-10)
+            np.testing.assert_allclose(net.biases[m].detach().numpy(), port.b[m][:, 0], rtol=1e-10,
+                                       atol=1e-10)
+            np.testing.assert_allclose(learner.lanes.C[m][0].numpy(), port.C[m][:, 0], rtol=1e-10,
+                                       atol=1e-10)
+        assert int(learner.lanes.step[0]) == port.step
+    # the test procedure from zero state, with the test draws
+    port.spikes = philox_draws(learner.test_seed, lane_key=0)
+    x = bdata.to_float(mnist.images[5:6], torch.float64)
+    expected = port.test_example(x.reshape(-1).numpy())
+    got = learner.test_potentials(learner._rates(x))[0].numpy()
+    np.testing.assert_allclose(got, expected, rtol=1e-10, atol=1e-10)
+
+
+# ---- batching, checkpoints, compatibility ------------------------------------------------------------
+
+def test_summed_and_averaged_updates(mnist):
+    x = bdata.to_float(mnist.images[:8])
+    y = mnist.labels[:8]
+    grads = {}
+    for reduction in ("sum", "mean"):
+        torch.manual_seed(0)
+        net = SegregatedDendriteNet(784, 10, SegregatedNetConfig(hidden=(40,)))
+        learner = SegregatedDendrites(net, SegregatedConfig(reduction=reduction, seed=1))
+        learner.training_step(x, y)
+        grads[reduction] = [w.grad.clone() for w in net.weights]
+    for s, m in zip(grads["sum"], grads["mean"], strict=True):
+        torch.testing.assert_close(s, 8 * m, rtol=1e-5, atol=1e-6)
+        assert float(s.abs().sum()) > 0
+
+
+def test_state_carries_over_and_checkpoints_restore_it(mnist):
+    a = _learner(hidden=(40,))
+    opt_a = _sgd(a, batch_layer_lrs(1, 4))
+    for i in range(2):
+        opt_a.zero_grad()
+        a.training_step(bdata.to_float(mnist.images[4 * i:4 * i + 4]), mnist.labels[4 * i:4 * i + 4])
+        opt_a.step()
+    assert int(a.lanes.step.min()) >= 200 and float(a.lanes.C[0].abs().sum()) > 0
+    b = _learner(hidden=(40,), seed=5)  # different initial weights, overwritten by the checkpoint
+    b.load_state_dict(a.state_dict())
+    opt_b = _sgd(b, batch_layer_lrs(1, 4))
+    opt_b.load_state_dict(opt_a.state_dict())
+    x, y = bdata.to_float(mnist.images[8:12]), mnist.labels[8:12]
+    for learner, opt in ((a, opt_a), (b, opt_b)):
+        opt.zero_grad()
+        learner.training_step(x, y)
+        opt.step()
+    for wa, wb in zip(a.net.weights, b.net.weights, strict=True):
+        assert torch.equal(wa, wb)
+    assert torch.equal(a.lanes.in_ring, b.lanes.in_ring)
+
+
+def test_compat_original_resets_the_state_every_1000_examples(mnist):
+    learner = _learner(hidden=(20,), compat="original", forward_steps=25, target_steps=25)
+    learner.examples_seen.fill_(996)
+    learner.training_step(bdata.to_float(mnist.images[:3]), mnist.labels[:3])
+    assert float(learner.lanes.C[0].abs().sum()) > 0
+    learner.training_step(bdata.to_float(mnist.images[:3]), mnist.labels[:3])  # crosses 1000
+    assert float(learner.lanes.C[0].abs().sum()) == 0 and int(learner.lanes.step.sum()) == 0
+
+
+def test_backends_agree_and_predictions_are_deterministic(mnist):
+    x = bdata.to_float(mnist.images[:6], torch.float64)
+    ref = _learner("float64", "reference", hidden=(30,), test_steps=60)
+    ker = _learner("float64", "kernels", hidden=(30,), test_steps=60)
+    s_ref, s_ker = ref.predict(x), ker.predict(x)
+    torch.testing.assert_close(s_ref, s_ker)
+    assert torch.equal(ker.predict(x), s_ker)
+
+
+# ---- analysis -------------------------------------------------------------------------------------------
+
+def test_alignment_and_recorded_dynamics(mnist):
+    learner = _learner(hidden=(40, 20))
+    x, y = bdata.to_float(mnist.images[:16]), mnist.labels[:16]
+    angles = learner.alignment(x, y)
+    assert set(angles) == {"layers.0", "layers.1"}
+    for values in angles.values():
+        assert set(values) == {"angle_bp", "angle_delta", "angle_delta_example"}
+        assert all(0 <= v <= 180 for v in values.values())
+    assert learner.lanes is None  # the probe used its own lanes
+    bp = _learner(hidden=(40, 20), use_backprop=True)
+    assert all(v["angle_delta"] < 1e-3 for v in bp.alignment(x, y).values())
+    trace = learner.record_dynamics(x, y, neurons=3)
+    L_f, L_t = trace["lengths"]
+    assert len(trace["phase"]) == L_f + L_t
+    for layer in ("0", "1", "2"):
+        assert len(trace["layers"][layer]["C"]) == L_f + L_t
+        assert len(trace["layers"][layer]["C"][0]) == 3
+    assert set(trace["plateaus"]) == {"0", "1"}
+    assert all(0 < a < 1 for a in trace["plateaus"]["0"]["alpha_t"])
+
+
+def test_batch_learning_rates():
+    assert batch_layer_lrs(1, 1) == paper_layer_lrs(1) == (0.21, 0.21)
+    lrs = batch_layer_lrs(1, 32)
+    assert lrs[0] == pytest.approx(0.21) and lrs[1] == pytest.approx(0.21 * 6 / 32)
+    assert batch_layer_lrs(1, 128)[0] == pytest.approx(0.21 * 64 / 128)
+    assert len(batch_layer_lrs(2, 64)) == 3
+    defaults = SegregatedDendrites.run_defaults({"model_options": {"hidden": [500, 100]},
+                                                 "_explicit": []})
+    assert defaults["optimizer"] == "sgd" and len(defaults["layer_lrs"]) == 3
+    assert "layer_lrs" not in SegregatedDendrites.run_defaults({"_explicit": ["lr"]})
+
+
+# ---- training on MNIST through the shared loop, and the command line ---------------------------------
+
+@pytest.mark.slow
+def test_learns_mnist_through_the_training_loop(mnist):
+    train_set = mnist.subset(torch.arange(10000))
+    val_set = mnist.subset(torch.arange(10000, 11000))
+    cfg = RunConfig(dataset="mnist", model="segregated", rule="segregated",
+                    model_options={"hidden": [500]}, optimizer="sgd",
+                    layer_lrs=batch_layer_lrs(1, 32), batch_size=32, max_examples=10000,
+                    eval_every=5000, train_eval_size=0, probe_size=64, test="never",
+                    device="cpu")
+    result = train(cfg, data=(train_set, val_set, None), progress=False, log=lambda s: None)
+    assert result.status == "completed"
+    accs = [r["val_acc"] for r in result.history]
+    assert accs[0] < 0.2 and accs[-1] > 0.5, accs
+    angles = result.history[-1]["layers"]["layers.0"]
+    assert 0 < angles["angle_delta_example"] < 90  # the rule's hidden error points with backprop's
+
+
+def test_cli_train_and_plot_dynamics(real_data_root, tmp_path, capsys):
+    out = tmp_path / "run"
+    rc = main(["train", "--rule", "segregated", "--model", "segregated", "--dataset", "mnist",
+               "--data-dir", str(real_data_root), "--offline", "--max-examples", "64",
+               "--val-size", "200", "--model-opt", "hidden=[40]", "--model-opt", "test_steps=60",
+               "--no-progress", "--out", str(out), "--threads", "1"])
+    assert rc == 0
+    cfg = json.loads((out / "config.json").read_text())
+    assert cfg["optimizer"] == "sgd" and cfg["batch_size"] == 32
+    assert cfg["layer_lrs"] == pytest.approx(list(batch_layer_lrs(1, 32)))
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["status"] == "completed" and summary["examples"] == 64
+    rc = main(["plot", "dynamics", str(out), "--data-dir", str(real_data_root), "--offline",
+               "--neurons", "2"])
+    assert rc == 0
+    assert (out / "figures" / "dynamics.png").exists()
+    trace = json.loads((out / "figures" / "dynamics.json").read_text())
+    assert trace["examples_trained"] == 64 and math.isfinite(trace["output_C_f"][0])
+    rc = main(["plot", "alignment", str(out)])
+    assert rc == 0
+    capsys.readouterr()
+    rc = main(["train", "--rule", "segregated", "--model", "segregated", "--dataset", "mnist",
+               "--data-dir", str(real_data_root), "--offline", "--model-opt", "window=80",
+               "--no-progress", "--out", str(tmp_path / "bad")])
+    assert rc == 2
+    assert "shorter than the averaging window" in capsys.readouterr().err
