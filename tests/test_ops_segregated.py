@@ -112,7 +112,10 @@ def _net(sizes, dtype, device, broadcast=True, bias=False, seed=0):
         src = M - 1 if broadcast else m + 1
         Y.append(torch.randn(sizes[m + 1], sizes[src + 1], generator=g, dtype=torch.float64))
         c.append(torch.randn(sizes[m + 1], generator=g, dtype=torch.float64) if bias else None)
-    conv = (lambda t: None if t is None else t.to(dtype=dtype, device=device))
+
+    def conv(t):
+        return None if t is None else t.to(dtype=dtype, device=device)
+
     return [conv(w) for w in W], [conv(v) for v in b], [conv(y) for y in Y], [conv(v) for v in c]
 
 
@@ -183,7 +186,7 @@ def test_train_example_matches_reference(device, config):
                                 for ph in (0, 1)], 1).to(device) for m in range(p.n_hidden)]
     ref = seg.LaneState.zeros(B, p, dtype, device)
     ker = seg.LaneState.zeros(B, p, dtype, device)
-    for example in range(2):  # the second example starts from the state the first left
+    for _example in range(2):  # the second example starts from the state the first left
         a_ref = seg.simulate_training_example(W, b, Y, c, ref, x, target, lengths, windows,
                                               offsets, 11, keys, p)
         a_ker = ops.segregated_train_example(W, b, Y, c, ker, x, target, lengths, windows,

@@ -16,7 +16,6 @@ from bpdl import rules
 from bpdl.cli import main
 from bpdl.config import to_dict
 from bpdl.errors import ConfigError
-from bpdl.functional import segregated as seg
 from bpdl.functional.segregated_original import OriginalNetwork, philox_draws
 from bpdl.nn.segregated import SegregatedDendriteNet, SegregatedNetConfig
 from bpdl.rules.segregated import (
