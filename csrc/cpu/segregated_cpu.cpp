@@ -15,6 +15,7 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cstdint>
 #include <vector>
 
@@ -149,7 +150,8 @@ std::vector<at::Tensor> transposed_all(const std::vector<at::Tensor>& W) {
 // ---- fused training example -----------------------------------------------------------------------
 
 template <typename T, typename Impl>
-void train_lanes(const Net<T>& net, int64_t lo, int64_t hi, const T* x_rate, const T* target,
+void train_lanes(const Net<T>& net, std::atomic<int64_t>& next, int64_t B, const T* x_rate,
+                 const T* target,
                  const at::Tensor& B0const, int8_t* in_ring, std::vector<int8_t*>& rings,
                  std::vector<T*>& C, std::vector<T*>& lam, std::vector<T*>& A, int64_t* step,
                  const int64_t* lane_key, const int64_t* lengths, const int64_t* windows,
@@ -158,7 +160,8 @@ void train_lanes(const Net<T>& net, int64_t lo, int64_t hi, const T* x_rate, con
   const int H = M - 1;
   typename Impl::template Scratch<T> s(net);
   const int taps = net.taps;
-  for (int64_t bl = lo; bl < hi; ++bl) {
+  // lanes are handed out one at a time: their random phase lengths differ
+  for (int64_t bl = next.fetch_add(1); bl < B; bl = next.fetch_add(1)) {
     typename Impl::template LanePtrs<T> lp;
     lp.in_ring = in_ring + bl * taps * net.n[0];
     for (int m = 0; m < M; ++m) {
@@ -329,17 +332,19 @@ std::vector<at::Tensor> train_example_cpu(
     const int64_t* key_p = lane_key.const_data_ptr<int64_t>();
     const int64_t* len_p = lengths.const_data_ptr<int64_t>();
     const int64_t* win_p = windows.const_data_ptr<int64_t>();
-    at::parallel_for(0, B, 1, [&](int64_t lo, int64_t hi) {
+    std::atomic<int64_t> next{0};
+    const int64_t workers = std::min<int64_t>(at::get_num_threads(), B);
+    at::parallel_for(0, workers, 1, [&](int64_t, int64_t) {
       std::vector<int8_t*> rp = ring_p;
       std::vector<T*> cp = C_p, lp = lam_p, ap = A_p, op = out_p;
 #if defined(BPDL_SEG_HAVE_AVX2_BUILD)
       if (use_avx2()) {
-        train_lanes<T, Avx2Impl>(net, lo, hi, x_p, t_p, B0const, in_ring_p, rp, cp, lp, ap,
+        train_lanes<T, Avx2Impl>(net, next, B, x_p, t_p, B0const, in_ring_p, rp, cp, lp, ap,
                                  step_p, key_p, len_p, win_p, off_p, op);
         return;
       }
 #endif
-      train_lanes<T, BaseImpl>(net, lo, hi, x_p, t_p, B0const, in_ring_p, rp, cp, lp, ap, step_p,
+      train_lanes<T, BaseImpl>(net, next, B, x_p, t_p, B0const, in_ring_p, rp, cp, lp, ap, step_p,
                                key_p, len_p, win_p, off_p, op);
     });
   });
@@ -349,14 +354,14 @@ std::vector<at::Tensor> train_example_cpu(
 // ---- fused test procedure ---------------------------------------------------------------------------
 
 template <typename T, typename Impl>
-void test_lanes(const Net<T>& net, int64_t lo, int64_t hi, const T* x_rate,
+void test_lanes(const Net<T>& net, std::atomic<int64_t>& next, int64_t B, const T* x_rate,
                 const at::Tensor& B0const, const int64_t* lane_key, int64_t steps, int64_t window,
                 T* out) {
   const int M = net.M;
   typename Impl::template Scratch<T> s(net);
   s.alloc_state(net);
   const int64_t n_out = net.n[M];
-  for (int64_t bl = lo; bl < hi; ++bl) {
+  for (int64_t bl = next.fetch_add(1); bl < B; bl = next.fetch_add(1)) {
     s.zero_state();
     int64_t step = 0;
     typename Impl::template LanePtrs<T> lp;
@@ -411,14 +416,16 @@ at::Tensor test_cpu(at::TensorList W_, at::TensorList b_, at::TensorList Y_, at:
     const T* x_p = x_rate.const_data_ptr<T>();
     const int64_t* key_p = lane_key.const_data_ptr<int64_t>();
     T* out_p = out.mutable_data_ptr<T>();
-    at::parallel_for(0, B, 1, [&](int64_t lo, int64_t hi) {
+    std::atomic<int64_t> next{0};
+    const int64_t workers = std::min<int64_t>(at::get_num_threads(), B);
+    at::parallel_for(0, workers, 1, [&](int64_t, int64_t) {
 #if defined(BPDL_SEG_HAVE_AVX2_BUILD)
       if (use_avx2()) {
-        test_lanes<T, Avx2Impl>(net, lo, hi, x_p, B0const, key_p, steps, window, out_p);
+        test_lanes<T, Avx2Impl>(net, next, B, x_p, B0const, key_p, steps, window, out_p);
         return;
       }
 #endif
-      test_lanes<T, BaseImpl>(net, lo, hi, x_p, B0const, key_p, steps, window, out_p);
+      test_lanes<T, BaseImpl>(net, next, B, x_p, B0const, key_p, steps, window, out_p);
     });
   });
   return out;

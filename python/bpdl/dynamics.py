@@ -87,7 +87,7 @@ def plot_dynamics(trace: dict[str, Any], history: list[dict[str, Any]] | None = 
         any(k.startswith("angle") for v in rec.get("layers", {}).values() for k in v)
         for rec in history) else 0
     rows = len(layers) + angle_rows
-    fig = Figure(figsize=(12, 3.0 * rows))
+    fig = Figure(figsize=(12, 3.0 * rows), layout="constrained")
     axes = fig.subplots(rows, 2, squeeze=False, gridspec_kw={"width_ratios": [3, 1]})
     L_f, L_t = trace["lengths"]
     W_f, W_t = trace["windows"]
@@ -113,6 +113,9 @@ def plot_dynamics(trace: dict[str, Any], history: list[dict[str, Any]] | None = 
         ax.axvspan(L_f - W_f - 0.5, L_f - 0.5, color="grey", alpha=0.12)
         ax.axvspan(n_f + L_t - W_t - 0.5, n_f + L_t - 0.5, color="grey", alpha=0.12)
         name = "output" if not hidden else f"hidden {layer}"
+        if not hidden:
+            ax.set_title(f"output neurons {neurons} (label {trace['label']}: its neurons are "
+                         f"driven up in the target phase)", fontsize=8)
         ax.set_ylabel(f"{name}: potential")
         ax.grid(alpha=0.3)
         if hidden:

@@ -552,7 +552,13 @@ class SegregatedDendrites(Learner):
         target = self._targets(y[:1])
         device = x_rate.device
         if isinstance(neurons, int):
-            neurons = {m: list(range(min(neurons, p.sizes[m + 1]))) for m in range(p.n_layers)}
+            count = neurons
+            neurons = {m: list(range(min(count, p.sizes[m + 1]))) for m in range(p.n_layers)}
+            # the output neurons of the example's label first, then others
+            r = p.neurons_per_class
+            own = list(range(int(y[0]) * r, int(y[0]) * r + r))
+            rest = [j for j in range(p.sizes[-1]) if j not in own]
+            neurons[p.n_layers - 1] = (own + rest)[:min(count, p.sizes[-1])]
         if from_training_state and self.lanes is not None:
             state = self.lanes.clone().narrow(1).clone()
         else:
