@@ -199,6 +199,8 @@ def cmd_compare(args: argparse.Namespace) -> int:
                               f"{', '.join(known)}")
         entries = [(e, known[e]) for e in args.entries]
     base = _config_from_args(args).to_dict()
+    if args.eval_every is None:
+        base["eval_every"] = 5000  # learning curves, not just end points
     out = Path(args.out)
     run_dirs, labels, rows = [], [], []
     progress = False if args.no_progress else None
