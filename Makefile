@@ -8,7 +8,7 @@
 PYTHON ?= python3
 VENV ?= .venv
 TORCH_SPEC ?= torch==2.14.1 torchvision==0.29.1
-EXTRAS ?= test
+EXTRAS ?= test,ray
 DEMO_OUT ?= runs/compare
 PYTEST_ARGS ?=
 

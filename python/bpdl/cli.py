@@ -1,4 +1,4 @@
-"""The ``bpdl`` command: train, compare, plot, info.
+"""The ``bpdl`` command: train, compare, plot, info, study.
 
 Errors the user can fix (unknown names, impossible values, missing data, unusable output
 folders) print one line and exit with status 2; a diverged run exits with 3.
@@ -362,6 +362,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("info", help="versions, compiled kernels, threads, data root")
     p.add_argument("--data-dir", default=None)
     p.set_defaults(func=cmd_info)
+
+    from bpdl.studies.cli import add_study_parser
+
+    add_study_parser(sub)
     return parser
 
 
