@@ -495,6 +495,28 @@ def _study_args(db, data_root, *extra: str) -> list[str]:
             "--db", str(db), "--data-dir", str(data_root), "--offline", *extra]
 
 
+def _children(pid: int) -> list[int]:
+    out = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat") as f:
+                    fields = f.read().rsplit(")", 1)[-1].split()
+            except OSError:
+                continue
+            if int(fields[1]) == pid:
+                out.append(int(entry))
+    return out
+
+
+def _alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[-1].split()[0] not in ("Z", "X")
+    except OSError:
+        return False
+
+
 def _statuses(db, name: str) -> list[tuple[int, str]]:
     try:
         conn = sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=30)
@@ -526,8 +548,14 @@ def test_sigkill_during_trials_then_resume_completes_the_budget_exactly(tmp_path
             time.sleep(0.05)
         else:
             pytest.fail("the study never had two finished trials and one running")
+        workers = _children(proc.pid)
         os.kill(proc.pid, signal.SIGKILL)
         proc.wait(timeout=60)
+        # the pool workers die with the study process instead of finishing trials for nobody
+        deadline = time.time() + 30
+        while any(_alive(w) for w in workers) and time.time() < deadline:
+            time.sleep(0.1)
+        assert workers and not any(_alive(w) for w in workers)
     finally:
         if proc.poll() is None:
             proc.kill()
@@ -554,8 +582,9 @@ def test_sigkill_during_trials_then_resume_completes_the_budget_exactly(tmp_path
         assert after[n]["params"] == t["params"] and after[n]["seed"] == t["seed"]
         assert after[n]["attempts"] == 2
     assert len(tests) == 1 and tests[0]["status"] == "completed"
-    rep = _bpdl("study", "report", str(db), "--out", str(tmp_path / "rep"))
-    assert rep.returncode == 0, rep.stderr
+    from bpdl.cli import main
+
+    assert main(["study", "report", str(db), "--out", str(tmp_path / "rep")]) == 0
     rows = list(csv.DictReader((tmp_path / "rep" / "trials.csv").open()))
     assert sorted(int(r["trial"]) for r in rows) == [1, 2, 3, 4, 5, 6]
     summary = next(csv.DictReader((tmp_path / "rep" / "summary.csv").open()))

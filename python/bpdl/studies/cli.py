@@ -89,7 +89,9 @@ def add_study_parser(sub: argparse._SubParsersAction) -> None:
                    help="Ray cluster address (default: start a local Ray instance)")
     e.add_argument("--gpus-per-trial", type=float, default=0.0,
                    help="GPUs each Ray trial reserves (fractions share a GPU)")
-    e.add_argument("--device", default="cpu", help="cpu (default), cuda, cuda:N or auto")
+    e.add_argument("--device", default=None,
+                   help="cpu, cuda, cuda:N or auto (default: cuda with --gpus-per-trial, else "
+                        "cpu)")
     e.add_argument("--data-dir", default=None,
                    help="dataset folder (default: $BPDL_DATA_DIR, else the user cache)")
     e.add_argument("--offline", action="store_true", help="never download datasets")

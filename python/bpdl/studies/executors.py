@@ -19,7 +19,7 @@ from abc import ABC, abstractmethod
 from typing import Any
 
 from bpdl.errors import ConfigError
-from bpdl.studies.worker import Job, run_job
+from bpdl.studies.worker import DataSpec, Job, load_study_data, run_job
 
 EXECUTORS = ("inprocess", "process", "ray")
 #: a job whose worker process dies this many times is recorded as failed
@@ -98,8 +98,9 @@ class InProcessExecutor(Executor):
         return f"in-process ({self.threads or 'default'} threads)"
 
 
-def _init_pool_worker(threads: int) -> None:
-    """Process-pool initialiser: thread counts, and die with the study process (Linux)."""
+def _init_pool_worker(threads: int, preload: DataSpec | None = None) -> None:
+    """Process-pool initialiser: thread counts, die with the study process (Linux), and load
+    the study's data once, so that no trial's time includes it."""
     os.environ["OMP_NUM_THREADS"] = str(threads)
     try:  # a pool worker orphaned by a killed study would otherwise finish its trial for nobody
         import ctypes
@@ -118,6 +119,11 @@ def _init_pool_worker(threads: int) -> None:
         torch.set_num_interop_threads(1)
     except RuntimeError:
         pass  # already fixed in this process
+    if preload is not None:
+        try:
+            load_study_data(preload)
+        except Exception:  # the first job reports the same error as its outcome
+            pass
 
 
 class ProcessPoolExecutor(Executor):
@@ -125,11 +131,13 @@ class ProcessPoolExecutor(Executor):
 
     name = "process"
 
-    def __init__(self, workers: int, threads: int | None = None):
+    def __init__(self, workers: int, threads: int | None = None,
+                 preload: DataSpec | None = None):
         if workers < 1:
             raise ConfigError(f"--workers must be >= 1, got {workers}")
         self.slots = workers
         self.threads = threads or default_threads(workers)
+        self.preload = preload
         self._pool = None
         self._futures: dict[Any, Job] = {}
         self._deaths: collections.Counter = collections.Counter()
@@ -140,7 +148,7 @@ class ProcessPoolExecutor(Executor):
 
         self._pool = concurrent.futures.ProcessPoolExecutor(
             max_workers=self.slots, mp_context=multiprocessing.get_context("spawn"),
-            initializer=_init_pool_worker, initargs=(self.threads,))
+            initializer=_init_pool_worker, initargs=(self.threads, self.preload))
 
     def submit(self, job: Job) -> None:
         from concurrent.futures.process import BrokenProcessPool
@@ -308,8 +316,10 @@ class RayExecutor(Executor):
 
 
 def make_executor(kind: str, *, workers: int | None = None, threads: int | None = None,
-                  address: str | None = None, gpus_per_trial: float = 0.0) -> Executor:
-    """An executor by name: ``inprocess``, ``process`` or ``ray``."""
+                  address: str | None = None, gpus_per_trial: float = 0.0,
+                  preload: DataSpec | None = None) -> Executor:
+    """An executor by name: ``inprocess``, ``process`` or ``ray``. ``preload``: data a process
+    pool's workers load when they start."""
     if kind not in EXECUTORS:
         raise ConfigError(f"unknown executor {kind!r}; valid executors are: {', '.join(EXECUTORS)}")
     if workers is not None and workers < 1:
@@ -324,5 +334,5 @@ def make_executor(kind: str, *, workers: int | None = None, threads: int | None 
                               "--executor process (or ray) with --workers")
         return InProcessExecutor(threads)
     if kind == "process":
-        return ProcessPoolExecutor(workers or 1, threads)
+        return ProcessPoolExecutor(workers or 1, threads, preload)
     return RayExecutor(address, workers, threads, gpus_per_trial)

@@ -182,7 +182,7 @@ def study_definition(cfg: StudyConfig, space: sp.SearchSpace) -> dict[str, Any]:
     """What must match for a stored study to be resumed (everything but where it runs)."""
     d = cfg.to_dict()
     d.pop("name")
-    d["space"] = space.to_dict()
+    d["space"] = {k: v for k, v in space.to_dict().items() if k != "description"}
     d["optimizer"] = resolve_optimizer(cfg.optimizer)
     d["objective"] = OBJECTIVE
     return d
@@ -481,17 +481,18 @@ class _Session:
                 self.next_seq += 1
                 self._commit(finished=[(number, outcome, loss, tell_seq)])
                 self.finished_this_session += 1
-                trials = self.store.trials(self.name)
-                best = self._best(trials)
-                self._log_trial(number, outcome, trials, best)
+                n_finished += 1
+                if ok and (best is None or (objective, -number) > (best["objective"],
+                                                                   -best["number"])):
+                    best = {"objective": objective, "number": number}
+                self._log_trial(number, outcome, n_finished, best)
         # ---- held-out test re-evaluation ----
         self._test_phase()
         self.store.set_status(self.name, "complete")
         return self._summary()
 
-    def _log_trial(self, number: int, outcome: dict[str, Any], trials: list[dict[str, Any]],
+    def _log_trial(self, number: int, outcome: dict[str, Any], done: int,
                    best: dict[str, Any] | None) -> None:
-        done = sum(t["status"] != "running" for t in trials)
         if outcome["status"] == "completed":
             what = f"objective {outcome['objective']:.4f}"
         else:
@@ -643,7 +644,7 @@ def run_study(
     threads: int | None = None,
     address: str | None = None,
     gpus_per_trial: float = 0.0,
-    device: str = "cpu",
+    device: str | None = None,
     data_dir: str | None = None,
     download: bool = True,
     log: Callable[[str], None] | None = None,
@@ -660,7 +661,8 @@ def run_study(
         threads: torch threads per trial (default: CPUs / workers for pools).
         address: Ray cluster address (``ray``; default: start a local instance).
         gpus_per_trial: GPUs each Ray trial reserves (fractions share a GPU).
-        device: torch device of every trial (``cpu``, ``cuda``, ``auto``).
+        device: torch device of every trial (``cpu``, ``cuda``, ``auto``; default ``cuda``
+            when ``gpus_per_trial`` is set, else ``cpu``).
         data_dir, download: where the datasets are, and whether they may be downloaded.
         log: where progress lines go (default: stdout).
         max_rejections: invalid proposals in a row before the space is declared contradictory.
@@ -674,7 +676,10 @@ def run_study(
             print(line, flush=True)
     space = resolve_space(cfg, space)
     validate_study(cfg, space)
-    resolve_device(device)
+    if device is None:
+        device = "cuda" if gpus_per_trial else "cpu"
+    if not (executor == "ray" and address):
+        resolve_device(device)  # a remote cluster's devices are its own business
     definition = study_definition(cfg, space)
     spec = DataSpec(cfg.dataset, cfg.folds, cfg.seed, cfg.train_subset,
                     str(data_dir) if data_dir is not None else None, download)
@@ -686,7 +691,7 @@ def run_study(
 
         load_study_data(spec)
     ex = make_executor(executor, workers=workers, threads=threads, address=address,
-                       gpus_per_trial=gpus_per_trial)
+                       gpus_per_trial=gpus_per_trial, preload=spec)
     store = StudyStore(db)
     try:
         created = store.create_or_check(cfg.study_name, definition)

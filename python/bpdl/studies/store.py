@@ -7,6 +7,7 @@ Tables (schema version 1)::
             next_seq, created, updated)
     trials(study, number, status, params, config, seed, objective, loss, folds, curves,
            error, attempts, ask_seq, tell_seq, created, started, finished, duration, worker)
+                                     (started/finished/duration: the worker's clock)
     rejections(study, seq, params, error, created)
     test_runs(study, trial, seed, rank, status, test_acc, test_loss, error, attempts,
               started, finished, duration, worker)
@@ -403,12 +404,13 @@ class StudyStore:
                      loss: float, tell_seq: int) -> None:
         cur = c.execute(
             "UPDATE trials SET status = ?, objective = ?, loss = ?, folds = ?, curves = ?, "
-            "error = ?, tell_seq = ?, finished = ?, duration = ?, worker = ? "
-            "WHERE study = ? AND number = ? AND status = 'running'",
+            "error = ?, tell_seq = ?, started = COALESCE(?, started), finished = ?, "
+            "duration = ?, worker = ? WHERE study = ? AND number = ? AND status = 'running'",
             (outcome["status"], _finite_or_none(outcome.get("objective")), loss,
              json.dumps(outcome.get("folds", [])), json.dumps(outcome.get("curves", [])),
-             outcome.get("error"), tell_seq, outcome.get("finished", time.time()),
-             outcome.get("duration"), outcome.get("worker"), name, number))
+             outcome.get("error"), tell_seq, outcome.get("started"),
+             outcome.get("finished", time.time()), outcome.get("duration"),
+             outcome.get("worker"), name, number))
         if cur.rowcount != 1:
             raise StudyDatabaseError(f"trial {number} of study {name!r} was not running; another "
                                      f"process may be running this study")
@@ -438,9 +440,10 @@ class StudyStore:
     def finish_test_run(c: sqlite3.Connection, name: str, trial: int, seed: int,
                         outcome: dict[str, Any]) -> None:
         c.execute("UPDATE test_runs SET status = ?, test_acc = ?, test_loss = ?, error = ?, "
-                  "finished = ?, duration = ?, worker = ? WHERE study = ? AND trial = ? AND "
-                  "seed = ?",
+                  "started = COALESCE(?, started), finished = ?, duration = ?, worker = ? "
+                  "WHERE study = ? AND trial = ? AND seed = ?",
                   (outcome["status"], _finite_or_none(outcome.get("test_acc")),
                    _finite_or_none(outcome.get("test_loss")), outcome.get("error"),
-                   outcome.get("finished", time.time()), outcome.get("duration"),
+                   outcome.get("started"), outcome.get("finished", time.time()),
+                   outcome.get("duration"),
                    outcome.get("worker"), name, trial, seed))
