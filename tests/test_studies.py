@@ -428,6 +428,20 @@ def test_invalid_cnn_proposals_are_rejected_recorded_and_not_counted(tmp_path, r
     assert seqs == list(range(len(seqs)))
 
 
+def test_repeated_proposals_are_retested_once(tmp_path, real_data_root):
+    """Four trials over two possible points: the test set sees the two distinct ones."""
+    space = sp.SearchSpace("two-points", {"lr": sp.Choice([0.001, 0.003])})
+    cfg = StudyConfig(rule="bp", budget=4, optimizer="RandomSearch",
+                      **{**TINY, "top_k": 3, "test_seeds": 1})
+    result, _ = _run(cfg, tmp_path / "d.db", real_data_root, space=space)
+    with StudyStore(tmp_path / "d.db", create=False) as store:
+        trials = {t["number"]: t for t in store.trials(cfg.study_name)}
+        runs = store.test_runs(cfg.study_name)
+    assert len({t["config"]["lr"] for t in trials.values()}) == 2
+    assert sorted(trials[r["trial"]]["config"]["lr"] for r in runs) == [0.001, 0.003]
+    assert [r["rank"] for r in runs] == [1, 2] and len(result.tests) == 2
+
+
 def test_a_space_with_no_valid_point_stops_with_a_clear_error(tmp_path, real_data_root):
     space = sp.SearchSpace("cnn-impossible", {
         "model_options.kernel_size": sp.IntRange(29, 40)},

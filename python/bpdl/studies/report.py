@@ -22,6 +22,7 @@ import io
 import math
 import os
 import statistics
+import textwrap
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
@@ -327,7 +328,8 @@ def plot_compare_grid(studies: Sequence[dict[str, Any]], out: str | os.PathLike,
     axes[1, 0].set_ylabel("trials")
     axes[2, 0].set_ylabel("k-fold validation accuracy")
     axes[0, 0].legend(fontsize=8, loc="lower right")
-    fig.suptitle(title or "hyperparameter robustness: search objective of every trial")
+    fig.suptitle(textwrap.fill(title or "hyperparameter robustness: search objective of every "
+                               "trial", width=int(45 * len(datasets) + 10)))
     fig.tight_layout()
     save_figure(fig, out)
     return fig
@@ -362,7 +364,8 @@ def plot_compare_bars(studies: Sequence[dict[str, Any]], out: str | os.PathLike,
     ax.set_ylim(0, 1.18)
     ax.set_ylabel("k-fold validation accuracy")
     ax.legend(fontsize=8, ncol=3, loc="upper center")
-    ax.set_title(title or "objective across the search: best, mean and worst per rule")
+    ax.set_title(textwrap.fill(title or "objective across the search: best, mean and worst "
+                               "per rule", width=int(12 * len(rows) + 40)), fontsize=10)
     fig.tight_layout()
     save_figure(fig, out)
     return fig

@@ -18,9 +18,10 @@ runs it against a study database (:mod:`bpdl.studies.store`) with an executor
 3. *Tell and store.* Each step's finished trials, new trials, rejections and a pickled
    snapshot of the optimiser (with the candidates still in flight) are written in one
    transaction, so the database never holds trials and an optimiser that disagree.
-4. *Test.* When the budget is spent, the ``top_k`` configurations by objective are trained on
-   the whole training set with ``test_seeds`` fresh seeds and scored on the official test
-   set, stored apart from the search objective (no selection on test data, 8.11).
+4. *Test.* When the budget is spent, the ``top_k`` best distinct configurations by objective
+   are trained on the whole training set with ``test_seeds`` fresh seeds and scored on the
+   official test set, stored apart from the search objective (no selection on test data,
+   ALGORITHMS.md 8.11).
 
 Resuming: rerunning the same study restores the optimiser from its snapshot (the exact state,
 random generator included) and retries every trial that was running when the previous
@@ -32,6 +33,7 @@ the order they happened.
 
 from __future__ import annotations
 
+import json
 import math
 import pickle
 import statistics
@@ -505,12 +507,21 @@ class _Session:
                  f"~{self._eta(self.cfg.budget - done, tests_left)}")
 
     def _test_plan(self) -> list[tuple[int, dict[str, Any], int, int]]:
-        """(rank, trial, seed index, seed) of every test run the study calls for."""
+        """(rank, trial, seed index, seed) of every test run the study calls for: the
+        ``top_k`` best *distinct* configurations (an optimiser may propose a point twice; its
+        repeats differ only in the trial seed and would be retested with the same test seeds)."""
         trials = [t for t in self.store.trials(self.name)
                   if t["status"] == "completed" and t["objective"] is not None]
         trials.sort(key=lambda t: (-t["objective"], t["number"]))
+        chosen, seen = [], set()
+        for t in trials:
+            key = json.dumps({k: v for k, v in t["config"].items() if k != "seed"},
+                             sort_keys=True)
+            if key not in seen:
+                seen.add(key)
+                chosen.append(t)
         plan = []
-        for rank, t in enumerate(trials[: self.cfg.top_k], start=1):
+        for rank, t in enumerate(chosen[: self.cfg.top_k], start=1):
             for i in range(self.cfg.test_seeds):
                 plan.append((rank, t, i, test_seed(self.cfg, i)))
         return plan
