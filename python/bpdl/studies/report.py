@@ -27,7 +27,7 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
-from bpdl.studies.runner import CHANCE_ACCURACY, describe_params, test_summary
+from bpdl.studies.runner import CHANCE_ACCURACY, describe_params, summarize_tests
 from bpdl.studies.spaces import flatten_paths
 from bpdl.studies.store import StudyStore
 
@@ -45,7 +45,7 @@ def load_study(store: StudyStore, name: str) -> dict[str, Any]:
     study = store.study(name)
     trials = store.trials(name)
     rejections = store.rejections(name)
-    tests = test_summary(store.test_runs(name), {t["number"]: t for t in trials})
+    tests = summarize_tests(store.test_runs(name), {t["number"]: t for t in trials})
     return {"name": name, "db": str(store.path), "study": study, "trials": trials,
             "rejections": rejections, "test_runs": store.test_runs(name), "tests": tests,
             "stats": study_statistics(study, trials, rejections, tests)}

@@ -196,7 +196,7 @@ def trial_seed(cfg: StudyConfig, number: int) -> int:
     return cfg.seed * SEED_STRIDE + number
 
 
-def test_seed(cfg: StudyConfig, index: int) -> int:
+def heldout_seed(cfg: StudyConfig, index: int) -> int:
     return cfg.seed * SEED_STRIDE + TEST_SEED_OFFSET + index
 
 
@@ -544,7 +544,7 @@ class _Session:
         plan = []
         for rank, t in enumerate(chosen[: self.cfg.top_k], start=1):
             for i in range(self.cfg.test_seeds):
-                plan.append((rank, t, i, test_seed(self.cfg, i)))
+                plan.append((rank, t, i, heldout_seed(self.cfg, i)))
         return plan
 
     def _test_phase(self) -> None:
@@ -607,7 +607,7 @@ def summarize(store: StudyStore, name: str, wall_time_s: float | None = None) ->
     counts["rejected"] = len(store.rejections(name))
     done = [t for t in trials if t["status"] == "completed" and t["objective"] is not None]
     best = max(done, key=lambda t: (t["objective"], -t["number"])) if done else None
-    tests = test_summary(store.test_runs(name), {t["number"]: t for t in trials})
+    tests = summarize_tests(store.test_runs(name), {t["number"]: t for t in trials})
     trial_time = sum(t["duration"] or 0 for t in trials)
     wall = wall_time_s or 0.0
     budget = study["definition"]["budget"]
@@ -646,7 +646,7 @@ def describe_params(config: dict[str, Any], study: dict[str, Any]) -> str:
     return ", ".join(parts)
 
 
-def test_summary(runs: list[dict[str, Any]], trials: dict[int, dict[str, Any]]
+def summarize_tests(runs: list[dict[str, Any]], trials: dict[int, dict[str, Any]]
                  ) -> list[dict[str, Any]]:
     """Per re-evaluated trial: rank, mean and population std of test accuracy over seeds."""
     by_trial: dict[int, list[dict[str, Any]]] = {}
