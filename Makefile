@@ -26,7 +26,7 @@ $(STAMP_TORCH):
 	$(PIP) install "scikit-build-core>=0.10" "pybind11>=2.12" ninja
 	touch $@
 
-$(STAMP_BPDL): $(STAMP_TORCH) pyproject.toml CMakeLists.txt
+$(STAMP_BPDL): $(STAMP_TORCH) pyproject.toml CMakeLists.txt Makefile
 	$(PIP) install --no-build-isolation -Ceditable.rebuild=true -e ".[$(EXTRAS)]"
 	touch $@
 
