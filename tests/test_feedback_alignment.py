@@ -203,7 +203,7 @@ def test_sign_symmetric_feedback_is_sign_w_times_scale_after_every_step(rule):
             torch.testing.assert_close(b, torch.sign(out.weight.detach()) * fixed)
         else:
             # |R_t| of this update, regenerated from (seed, layer, update counter)
-            current = out._draw_random(stream=3, step=int(out.feedback_step)).abs().float()
+            current = out._draw_magnitude(int(out.feedback_step))
             torch.testing.assert_close(b, torch.sign(out.weight.detach()) * current)
             magnitudes.append(current)
         assert torch.all(b[out.weight.detach() == 0] == 0)  # sign(0) = 0
@@ -477,3 +477,68 @@ def test_rules_train_in_the_loop_and_log_alignment(rule, synthetic_data, tmp_pat
                 "usf": "feedback_magnitude", "frsf": "feedback_magnitude",
                 "brsf": "feedback_step"}[rule]
     assert f"model.layers.1.{feedback}" in saved
+
+
+# ---- command line, experiments, plots ---------------------------------------------------------------
+
+def test_default_comparison_compares_feedback_rules():
+    from bpdl.cli import DEFAULT_COMPARISON
+    from bpdl.train import RunConfig, validate
+
+    labels = dict(DEFAULT_COMPARISON)
+    assert {"fa-mlp", "dfa-mlp"} <= set(labels)
+    for overrides in labels.values():
+        validate(RunConfig.from_dict(overrides))
+
+
+def test_experiments_are_valid_run_configs():
+    from bpdl.experiments import EXPERIMENTS
+    from bpdl.train import RunConfig, validate
+
+    assert {"lillicrap2016", "bartunov2018_mnist_fc", "bartunov2018_mnist_lc"} <= \
+        set(EXPERIMENTS.names())
+    published = {}
+    for name in EXPERIMENTS.names():
+        for run, cfg in EXPERIMENTS.get(name).run_configs(epochs=1):
+            validate(RunConfig.from_dict(cfg))
+            published[(name, run.label)] = run.published_test_error
+    assert published[("lillicrap2016", "fa")] == 2.1
+    assert published[("bartunov2018_mnist_fc", "dfa")] == 2.75
+    with pytest.raises(ConfigError, match="has no run"):
+        EXPERIMENTS.get("lillicrap2016").run_configs(entries=["kp"])
+
+
+@pytest.mark.slow
+def test_reproduce_command_runs_and_tabulates(tmp_path, real_data_root, capsys):
+    from bpdl.cli import main
+
+    assert main(["reproduce", "--list"]) == 0
+    assert "bartunov2018_mnist_fc" in capsys.readouterr().out
+    out = tmp_path / "m21"
+    code = main(["reproduce", "meulemans2021_dfa", "--epochs", "1", "--entries", "dfa",
+                 "--max-examples", "8000", "--out", str(out), "--data-dir", str(real_data_root),
+                 "--offline", "--no-progress", "--threads", "2"])
+    assert code == 0
+    table = (out / "results.md").read_text()
+    row = next(line for line in table.splitlines() if line.startswith("| dfa"))
+    cells = [c.strip() for c in row.split("|")[1:-1]]
+    assert cells[4] == "2.69"                      # published
+    assert 0 < float(cells[5]) < 15                # 8,000 examples of DFA: about 90% right
+    assert (out / "learning_curves.png").exists() and (out / "alignment.png").exists()
+    assert main(["reproduce", "nonexistent", "--out", str(tmp_path / "x")]) == 2
+
+
+def test_alignment_plot_marks_the_unused_feedback():
+    from bpdl.plots import plot_alignment
+
+    history = [{"epoch": e, "layers": {
+        "layers.0": {"angle_weight_feedback": 90.0, "feedback_used": 0.0, "angle_update_bp": 50.0},
+        "layers.1": {"angle_weight_feedback": 60.0 - e, "feedback_used": 1.0,
+                     "angle_update_bp": 0.0}}} for e in range(3)]
+    run = {"path": __import__("pathlib").Path("fa"), "config": {}, "history": history,
+           "summary": None}
+    fig = plot_alignment([run], labels=["fa"])
+    titles = [ax.get_ylabel() for ax in fig.axes]
+    assert titles == ["angle_weight_feedback (degrees)", "angle_update_bp (degrees)"]
+    legend = [t.get_text() for t in fig.axes[0].get_legend().get_texts()]
+    assert legend == ["fa layers.0 (unused)", "fa layers.1"]

@@ -223,3 +223,44 @@ def test_dfa_project_opcheck_and_errors(device):
         ops.dfa_project(torch.randn(4), 5, 0, 0, 1.0)
     with pytest.raises(ValueError, match="stream"):
         ops.dfa_project(error, 5, 0, 2**32, 1.0)
+
+
+# ---- Bartunov et al.'s locally connected networks ----------------------------------------------
+
+def test_lc_network_architectures_of_b18():
+    from bpdl import nn as bnn
+
+    mnist = bnn.build_model("lc", (1, 28, 28), 10)
+    lcs = [m for m in mnist.modules() if isinstance(m, LocallyConnected2d)]
+    assert [layer.weight.numel() for layer in lcs] == [56_448, 903_168]  # ALGORITHMS.md 2.3
+    assert mnist.layers[0].in_features == 3136 and mnist.layers[0].out_features == 1024
+    assert mnist(torch.rand(2, 1, 28, 28)).shape == (2, 10)
+    cifar = bnn.build_model("lc", (3, 32, 32), 10)
+    lcs = [m for m in cifar.modules() if isinstance(m, LocallyConnected2d)]
+    assert [layer.weight.numel() for layer in lcs] == [1_228_800, 13_107_200, 18_874_368]
+    assert cifar.layers[0].in_features == 16_384
+    # Glorot-uniform weights, zero biases (B18), through the initialiser hook
+    assert torch.all(lcs[0].bias == 0)
+    std = (2.0 / (3 * 25 + 64 * 25)) ** 0.5
+    assert abs(float(lcs[0].weight.detach().std()) / std - 1) < 0.01
+    # "BP ConvNet": the same architecture with shared weights
+    conv = bnn.build_model("lc", (1, 28, 28), 10, {"shared": True})
+    convs = [m for m in conv.modules() if isinstance(m, torch.nn.Conv2d)]
+    assert [tuple(c.weight.shape) for c in convs] == [(32, 1, 3, 3), (64, 32, 3, 3)]
+    assert conv(torch.rand(2, 1, 28, 28)).shape == (2, 10)
+    custom = bnn.build_model("lc", (1, 12, 12), 4, {"kernel_size": [3], "channels": [5],
+                                                    "stride": [1], "hidden": []})
+    assert custom(torch.rand(3, 1, 12, 12)).shape == (3, 4)
+
+
+@pytest.mark.parametrize("options,match", [
+    ({"kernel_size": [3, 3], "channels": [4], "stride": [1]}, "one entry per LC layer"),
+    ({"padding": "reflect"}, "padding must be"),
+    ({"kernel_size": [40], "channels": [4], "stride": [1], "padding": "valid"}, "leaves no output"),
+])
+def test_lc_network_bad_options(options, match):
+    from bpdl import nn as bnn
+    from bpdl.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=match):
+        bnn.build_model("lc", (1, 28, 28), 10, options)

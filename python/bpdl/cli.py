@@ -269,7 +269,8 @@ def cmd_reproduce(args: argparse.Namespace) -> int:
     out = Path(args.out) if args.out else Path("runs") / "reproduce" / args.name
     progress = False if args.no_progress else None
     rows = run_experiment(args.name, out, epochs=args.epochs, entries=args.entries,
-                          threads=args.threads, data_dir=args.data_dir, download=_download(args),
+                          threads=args.threads, max_examples=args.max_examples,
+                          data_dir=args.data_dir, download=_download(args),
                           progress=progress, log=lambda s: print(s, file=sys.stderr, flush=True))
     print((out / "results.md").read_text())
     print(f"figures: {out / 'learning_curves.png'} (and alignment.png where recorded)")
@@ -398,6 +399,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--epochs", type=int, default=None,
                    help="train this many epochs instead of the published number")
     p.add_argument("--entries", nargs="+", default=None, help="only these runs (labels)")
+    p.add_argument("--max-examples", type=int, default=None,
+                   help="stop each run after this many training examples (smoke tests)")
     p.add_argument("--out", default=None, help="output folder (default runs/reproduce/NAME)")
     p.add_argument("--threads", type=int, default=None, help="CPU threads for torch")
     p.add_argument("--data-dir", default=None)

@@ -48,8 +48,10 @@ class Experiment:
     common: dict[str, Any] = field(default_factory=dict)
 
     def run_configs(self, epochs: int | None = None, threads: int | None = None,
-                    entries: Sequence[str] | None = None) -> list[tuple[ExperimentRun, dict]]:
-        """(run, full config dict) per selected run, with ``epochs``/``threads`` overrides."""
+                    entries: Sequence[str] | None = None, max_examples: int | None = None
+                    ) -> list[tuple[ExperimentRun, dict]]:
+        """(run, full config dict) per selected run, with ``epochs``/``threads``/
+        ``max_examples`` overrides."""
         labels = [r.label for r in self.runs]
         if entries:
             unknown = [e for e in entries if e not in labels]
@@ -65,6 +67,8 @@ class Experiment:
                 cfg["epochs"] = epochs
             if threads is not None:
                 cfg["threads"] = threads
+            if max_examples is not None:
+                cfg["max_examples"] = max_examples
             out.append((run, cfg))
         return out
 
@@ -80,6 +84,7 @@ def register(experiment: Experiment) -> Experiment:
 
 def run_experiment(name: str, out_dir: str | os.PathLike, *, epochs: int | None = None,
                    entries: Sequence[str] | None = None, threads: int | None = None,
+                   max_examples: int | None = None,
                    data_dir: str | None = None, download: bool = True,
                    progress: bool | None = None,
                    log: Callable[[str], None] | None = None) -> list[dict[str, Any]]:
@@ -89,7 +94,7 @@ def run_experiment(name: str, out_dir: str | os.PathLike, *, epochs: int | None 
     from bpdl.train import RunConfig, train
 
     experiment = EXPERIMENTS.get(name)
-    selected = experiment.run_configs(epochs, threads, entries)
+    selected = experiment.run_configs(epochs, threads, entries, max_examples)
     configs = [(run, RunConfig.from_dict(cfg)) for run, cfg in selected]  # validate all first
     out = Path(out_dir)
     rows = []

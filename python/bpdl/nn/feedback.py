@@ -292,8 +292,15 @@ class SignSymmetryFunction(torch.autograd.Function):
     def backward(ctx, grad_output: Tensor):
         x, weight, magnitude = ctx.saved_tensors
         need = ctx.needs_input_grad
-        feedback = torch.sign(weight) * magnitude if need[0] else weight
+        if not need[0]:
+            feedback = weight
+        elif magnitude.dim() == 0:
+            feedback = torch.sign(weight)  # uSF: scale the (smaller) signal instead of B
+        else:
+            feedback = torch.sign(weight).mul_(magnitude)
         gi, gw, gb = ctx.layer.backward_math(grad_output, x, feedback, need[0], need[1], need[2])
+        if gi is not None and magnitude.dim() == 0:
+            gi = gi.mul_(magnitude)
         return gi, gw, gb, None, None
 
 
@@ -443,6 +450,7 @@ class FeedbackLayer(nn.Module):
         self.dfa_scale = 0.0
         self.last_layer_bp = False
         self._use_bp = False
+        self._function: type[torch.autograd.Function] | None = None
 
     # -- configuration ------------------------------------------------------------------------
     def configure_feedback(self, mode: str, *, feedback_seed: int = 0, layer_index: int = 0,
@@ -483,6 +491,11 @@ class FeedbackLayer(nn.Module):
             self.input_shape = tuple(int(s) for s in input_shape)
         self.dfa_hub, self.dfa_output = None, False
         self.last_layer_bp = bool(bp_feedback) and mode != "dfa"
+        # the autograd Function of the rule (None: plain backprop through forward_math)
+        self._function = None if mode == "bp" or self.last_layer_bp else {
+            "fa": FeedbackAlignmentFunction, "wm": FeedbackAlignmentFunction,
+            "kp": KolenPollackFunction, "dfa": DirectFeedbackAlignmentFunction,
+        }.get(mode, SignSymmetryFunction)
         w = self.weight
         if mode in ("fa", "wm", "kp") and not self.last_layer_bp:
             b = self._draw_random(stream=1)
@@ -629,25 +642,34 @@ class FeedbackLayer(nn.Module):
         if self.mode == "brsf":
             if redraw:
                 self.feedback_step.add_(1)
-            step = int(self.feedback_step)
-            return self._draw_random(stream=3, step=step).abs().to(self.weight.device,
-                                                                   self.weight.dtype)
+            return self._draw_magnitude(int(self.feedback_step))
         return self.feedback_magnitude
+
+    def _draw_magnitude(self, step: int) -> Tensor:
+        """brSF's |R_t| for update ``step``: drawn from the feedback initialiser directly in W's
+        dtype on W's device (a uniform's magnitude is uniform on [0, bound], a normal's is
+        half-normal), keyed by (seed, layer, step) so that a resumed run redraws the same."""
+        w = self.weight
+        g = torch.Generator(device=w.device).manual_seed(
+            _mix_seed(self.feedback_seed, self.layer_index, 3, step))
+        std = self.init_std(self.feedback_init)
+        out = torch.empty(w.shape, dtype=w.dtype, device=w.device)
+        if self.feedback_init.endswith("normal"):
+            return out.normal_(0.0, std, generator=g).abs_()
+        return out.uniform_(0.0, math.sqrt(3.0) * std, generator=g)
 
     # -- forward --------------------------------------------------------------------------------
     def forward(self, x: Tensor) -> Tensor:
-        if self.mode == "bp" or self._use_bp or self.last_layer_bp and self.mode != "dfa" \
-                or not torch.is_grad_enabled():
+        function = self._function
+        if function is None or self._use_bp or not torch.is_grad_enabled():
             return self.forward_math(x, self.weight, self.bias)
-        self._check_rule_input(x)
-        if self.mode in ("fa", "wm"):
-            return FeedbackAlignmentFunction.apply(x, self.weight, self.bias, self.feedback, self)
-        if self.mode in SIGN_MODES:
-            magnitude = self._sign_magnitude(redraw=True)
-            return SignSymmetryFunction.apply(x, self.weight, self.bias, magnitude, self)
-        if self.mode == "kp":
-            return KolenPollackFunction.apply(x, self.weight, self.bias, self.feedback, self)
-        return DirectFeedbackAlignmentFunction.apply(x, self.weight, self.bias, self.feedback, self)
+        if function is SignSymmetryFunction:
+            return function.apply(x, self.weight, self.bias, self._sign_magnitude(redraw=True),
+                                  self)
+        if function is DirectFeedbackAlignmentFunction:
+            self._check_rule_input(x)
+        return function.apply(x, self.weight, self.bias, self._buffers.get(
+            "feedback", self._parameters.get("feedback")), self)
 
     def _check_rule_input(self, x: Tensor) -> None:
         """Shape checks the rule's backward relies on (layer specific)."""
