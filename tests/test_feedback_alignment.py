@@ -467,6 +467,7 @@ def test_rules_train_in_the_loop_and_log_alignment(rule, synthetic_data, tmp_pat
     result = train(cfg, tmp_path / rule, data=(synthetic_data, None, None), progress=False,
                    log=lambda s: None)
     assert result.status == "completed"
+    assert result.summary["rule_state"]["last_layer_rule"] == "same"
     assert result.history[-1]["train_acc"] > 0.5  # chance is 0.1
     layers = result.history[-1]["layers"]
     assert "angle_update_bp" in layers["layers.0"] and "weight_norm" in layers["layers.0"]
@@ -522,8 +523,8 @@ def test_reproduce_command_runs_and_tabulates(tmp_path, real_data_root, capsys):
     table = (out / "results.md").read_text()
     row = next(line for line in table.splitlines() if line.startswith("| dfa"))
     cells = [c.strip() for c in row.split("|")[1:-1]]
-    assert cells[4] == "2.69"                      # published
-    assert 0 < float(cells[5]) < 15                # 8,000 examples of DFA: about 90% right
+    assert cells[2] == "same" and cells[5] == "2.69"  # last layer rule, published
+    assert 0 < float(cells[6]) < 15                # 8,000 examples of DFA: about 90% right
     assert (out / "learning_curves.png").exists() and (out / "alignment.png").exists()
     assert main(["reproduce", "nonexistent", "--out", str(tmp_path / "x")]) == 2
 

@@ -123,6 +123,7 @@ def run_experiment(name: str, out_dir: str | os.PathLike, *, epochs: int | None 
             "wall_time_s": s.get("wall_time_s"),
             "this_session_s": time.perf_counter() - t0,
             "run_dir": str(out / run.label),
+            "rule_state": s.get("rule_state", {}),
         })
     out.mkdir(parents=True, exist_ok=True)
     (out / "results.json").write_text(json.dumps(rows, indent=2) + "\n")
@@ -148,12 +149,14 @@ def results_table(experiment: Experiment, rows: list[dict[str, Any]]) -> str:
 
     lines = [f"### {experiment.title}", "", f"Source: {experiment.source}", "",
              f"Protocol: {experiment.protocol}", "",
-             "| run | rule | status | epochs | published test error % | final test error % | "
-             "test error % at best val | best test error % (test-selected) | train time (s) |",
-             "|---|---|---|---|---|---|---|---|---|"]
+             "| run | rule | last layer | status | epochs | published test error % | "
+             "final test error % | test error % at best val | best test error % "
+             "(test-selected) | train time (s) |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
+        last = r.get("rule_state", {}).get("last_layer_rule", "-" if r["rule"] == "bp" else "same")
         lines.append(
-            f"| {r['label']} | {r['rule']} | {r['status']} | {f(r['epochs'], '.2f')} | "
+            f"| {r['label']} | {r['rule']} | {last} | {r['status']} | {f(r['epochs'], '.2f')} | "
             f"{f(r['published_test_error'], '.2f')} | {f(r['test_error'], '.2f')} | "
             f"{f(r['test_error_at_best_val'], '.2f')} | {f(r['best_test_error'], '.2f')} | "
             f"{f(r['train_time_s'], '.0f')} |")

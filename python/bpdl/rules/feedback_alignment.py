@@ -62,7 +62,13 @@ class FeedbackLearner(Learner):
         return feedback_layers(self.model)
 
     def extra_state_for_config(self) -> dict[str, Any]:
-        return {"feedback_rule": self.name, **dataclasses.asdict(self.config)}
+        """The rule's resolved options (``last_layer_rule`` among them: published sign-symmetry
+        numbers are not comparable without it) and the resolved feedback initialiser and seed."""
+        layers = self.layers()
+        first = layers[0][1] if layers else None
+        return {"feedback_rule": self.name, **dataclasses.asdict(self.config),
+                "resolved_feedback_init": None if first is None else first.feedback_init,
+                "resolved_feedback_seed": None if first is None else first.feedback_seed}
 
     # ---- alignment metrics (ALGORITHMS.md 3.7) ------------------------------------------------
     def _probe_pass(self, x: Tensor, y: Tensor, layers: list[FeedbackLayer]
