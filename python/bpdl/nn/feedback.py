@@ -638,10 +638,12 @@ class FeedbackLayer(nn.Module):
             return self.feedback
         return torch.sign(self.weight.detach()) * self._sign_magnitude(redraw=False)
 
-    def _sign_magnitude(self, redraw: bool) -> Tensor:
+    def _sign_magnitude(self, redraw: bool, draw: bool = True) -> Tensor:
         if self.mode == "brsf":
             if redraw:
                 self.feedback_step.add_(1)
+            if not draw:
+                return self.weight.new_empty(0)  # placeholder: no signal is computed from it
             return self._draw_magnitude(int(self.feedback_step))
         return self.feedback_magnitude
 
@@ -664,8 +666,10 @@ class FeedbackLayer(nn.Module):
         if function is None or self._use_bp or not torch.is_grad_enabled():
             return self.forward_math(x, self.weight, self.bias)
         if function is SignSymmetryFunction:
-            return function.apply(x, self.weight, self.bias, self._sign_magnitude(redraw=True),
-                                  self)
+            # brSF's fresh |R| is drawn only where a signal is sent below (not for the first
+            # layer, whose input is the data); the update counter advances either way
+            magnitude = self._sign_magnitude(redraw=True, draw=x.requires_grad)
+            return function.apply(x, self.weight, self.bias, magnitude, self)
         if function is DirectFeedbackAlignmentFunction:
             self._check_rule_input(x)
         return function.apply(x, self.weight, self.bias, self._buffers.get(
