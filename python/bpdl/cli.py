@@ -236,7 +236,8 @@ def cmd_compare(args: argparse.Namespace) -> int:
     table = "\n".join(lines) + "\n"
     (out / "comparison.md").write_text(table)
     print(table)
-    print(f"figures: {out / 'comparison.png'}, {out / 'learning_curves.png'} (and .pdf)")
+    extra = f", {out / 'alignment.png'}" if aligned else ""
+    print(f"figures: {out / 'comparison.png'}, {out / 'learning_curves.png'}{extra} (and .pdf)")
     return 0
 
 
