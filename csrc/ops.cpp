@@ -24,4 +24,12 @@ TORCH_LIBRARY(bpdl, m) {
   // out = error @ D with D[k, j] = scale * (2 u - 1), u = Philox uniform keyed by seed and
   // counted by (element k * num_features + j, step 0, stream): D is never stored.
   m.def("dfa_project(Tensor error, int num_features, int seed, int stream, float scale) -> Tensor");
+
+  // ---- sign-symmetric feedback (ALGORITHMS.md 3.4) ----------------------------------------------
+  // B = sign(W) * M with M a 0-dim tensor (uSF) or shaped like W (frSF); sign(0) = 0.
+  m.def("sign_feedback(Tensor weight, Tensor magnitude) -> Tensor");
+  // brSF: B = sign(W) * |R|, |R| drawn per element from Philox keyed by seed and counted by
+  // (element // 4, step, stream): scale * u (distribution 0, uniform) or half-normal (1).
+  m.def("sign_random_feedback(Tensor weight, int seed, int stream, int step, int distribution, "
+        "float scale) -> Tensor");
 }

@@ -10,6 +10,7 @@ import math
 import bpdl
 import pytest
 import torch
+from bpdl import functional as F
 from bpdl import nn as bnn
 from bpdl import rules
 from bpdl.errors import ConfigError
@@ -203,9 +204,11 @@ def test_sign_symmetric_feedback_is_sign_w_times_scale_after_every_step(rule):
             torch.testing.assert_close(b, torch.sign(out.weight.detach()) * fixed)
         else:
             # |R_t| of this update, regenerated from (seed, layer, update counter)
-            current = out._draw_magnitude(int(out.feedback_step))
-            torch.testing.assert_close(b, torch.sign(out.weight.detach()) * current)
-            magnitudes.append(current)
+            reference = F.sign_random_feedback(out.weight.detach(), out.feedback_seed,
+                                               out.layer_index, int(out.feedback_step),
+                                               "uniform", math.sqrt(3) * c)
+            assert torch.equal(b, reference)
+            magnitudes.append(b.abs())
         assert torch.all(b[out.weight.detach() == 0] == 0)  # sign(0) = 0
         if step == 0:
             assert torch.all(b[0, :3] == 0)

@@ -4,6 +4,8 @@ from bpdl.functional.feedback import (
     dfa_feedback_matrix,
     dfa_project,
     dfa_scale,
+    sign_random_feedback,
+    sign_random_magnitude,
     sign_symmetric_feedback,
 )
 from bpdl.functional.locally_connected import (
@@ -20,5 +22,6 @@ __all__ = [
     "dfa_feedback_matrix", "dfa_project", "dfa_scale", "locally_connected2d",
     "locally_connected2d_grad_input", "locally_connected2d_grad_weight",
     "locally_connected_output_size", "philox4x32_10", "philox_uniform", "poisson_from_uniform",
-    "poisson_spikes", "same_padding", "sign_symmetric_feedback",
+    "poisson_spikes", "same_padding", "sign_random_feedback", "sign_random_magnitude",
+    "sign_symmetric_feedback",
 ]

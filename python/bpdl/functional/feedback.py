@@ -13,9 +13,12 @@ import math
 import torch
 from torch import Tensor
 
-from bpdl.functional.random import philox_uniform
+from bpdl.functional.random import philox4x32_10, philox_uniform
 
-__all__ = ["dfa_feedback_matrix", "dfa_project", "dfa_scale", "sign_symmetric_feedback"]
+__all__ = ["dfa_feedback_matrix", "dfa_project", "dfa_scale", "sign_random_feedback",
+           "sign_random_magnitude", "sign_symmetric_feedback"]
+
+_MASK32 = 0xFFFFFFFF
 
 
 def sign_symmetric_feedback(weight: Tensor, magnitude: Tensor | float) -> Tensor:
@@ -51,3 +54,41 @@ def dfa_project(error: Tensor, num_features: int, seed: int, stream: int, scale:
     d = dfa_feedback_matrix(error.shape[1], num_features, seed, stream, scale, error.dtype,
                             error.device)
     return error @ d
+
+
+def sign_random_magnitude(numel: int, seed: int, stream: int, step: int,
+                          distribution: str = "uniform", scale: float = 1.0,
+                          device: torch.device | str | None = None) -> Tensor:
+    """brSF's random magnitudes |R_t| (float32): the reference of the draws inside
+    ``bpdl::sign_random_feedback``. Group g = i // 4 of elements takes the four 32-bit words of
+    Philox4x32-10 keyed by ``seed`` and counted by (g, ``step``, ``stream``), each word w giving
+    u = (w >> 8) 2^-24 + 2^-25 in (0, 1]; the magnitude is ``scale * u`` (uniform) or, by
+    Box-Muller on the word pairs of the group, ``scale * sqrt(-2 ln u_2k) |cos(2 pi u_2k+1)|``
+    for the even and ``|sin(...)|`` for the odd element (half-normal)."""
+    groups = (numel + 3) // 4
+    g = torch.arange(groups, dtype=torch.int64, device=device)
+    words = philox4x32_10(g & _MASK32, g >> 32, torch.full_like(g, step),
+                          torch.full_like(g, stream), seed & _MASK32, (seed >> 32) & _MASK32)
+    u = torch.stack([(w >> 8).to(torch.float32) for w in words], 1)  # (groups, 4)
+    u = u * 2.0**-24 + 2.0**-25
+    scale32 = torch.tensor(scale, dtype=torch.float32)
+    if distribution == "uniform":
+        mag = u * scale32
+    elif distribution == "half_normal":
+        radius = torch.sqrt(-2.0 * torch.log(u[:, 0::2]))                  # (groups, 2)
+        angle = 6.283185307179586 * u[:, 1::2]
+        mag = scale32 * torch.stack([radius[:, 0] * torch.cos(angle[:, 0]).abs(),
+                                     radius[:, 0] * torch.sin(angle[:, 0]).abs(),
+                                     radius[:, 1] * torch.cos(angle[:, 1]).abs(),
+                                     radius[:, 1] * torch.sin(angle[:, 1]).abs()], 1)
+    else:
+        raise ValueError(f"unknown distribution {distribution!r}; use uniform or half_normal")
+    return mag.reshape(-1)[:numel]
+
+
+def sign_random_feedback(weight: Tensor, seed: int, stream: int, step: int,
+                         distribution: str = "uniform", scale: float = 1.0) -> Tensor:
+    """Reference of :func:`bpdl.ops.sign_random_feedback`: sign(W) * |R_t|."""
+    mag = sign_random_magnitude(weight.numel(), seed, stream, step, distribution, scale,
+                                weight.device)
+    return torch.sign(weight) * mag.to(weight.dtype).reshape(weight.shape)

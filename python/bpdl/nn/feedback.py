@@ -279,12 +279,16 @@ class SignSymmetryFunction(torch.autograd.Function):
     with B = sign(W) * M recomputed from the current W (sign(0) = 0: zero weights send
     nothing). M is the constant c (uSF), a fixed |R| (frSF) or an |R| redrawn at every update
     (brSF); the scale keeps ||B|| near ||W|| (without it the signal explodes, X18).
+
+    The feedback is built in the backward pass, in one fused pass over W
+    (:func:`bpdl.ops.sign_feedback`; brSF draws |R_t| inside it,
+    :func:`bpdl.ops.sign_random_feedback`), and only where a signal is sent below.
     """
 
     @staticmethod
-    def forward(ctx, x: Tensor, weight: Tensor, bias: Tensor | None, magnitude: Tensor,
-                layer: FeedbackLayer) -> Tensor:
-        ctx.layer = layer
+    def forward(ctx, x: Tensor, weight: Tensor, bias: Tensor | None, magnitude: Tensor | None,
+                layer: FeedbackLayer, step: int) -> Tensor:
+        ctx.layer, ctx.step = layer, step
         ctx.save_for_backward(x, weight, magnitude)
         return layer.forward_math(x, weight, bias)
 
@@ -292,16 +296,20 @@ class SignSymmetryFunction(torch.autograd.Function):
     def backward(ctx, grad_output: Tensor):
         x, weight, magnitude = ctx.saved_tensors
         need = ctx.needs_input_grad
+        layer = ctx.layer
+        scale = None
         if not need[0]:
-            feedback = weight
-        elif magnitude.dim() == 0:
-            feedback = torch.sign(weight)  # uSF: scale the (smaller) signal instead of B
-        else:
-            feedback = torch.sign(weight).mul_(magnitude)
-        gi, gw, gb = ctx.layer.backward_math(grad_output, x, feedback, need[0], need[1], need[2])
-        if gi is not None and magnitude.dim() == 0:
-            gi = gi.mul_(magnitude)
-        return gi, gw, gb, None, None
+            feedback = weight  # no signal below: only the shapes matter
+        elif magnitude is None:  # brSF: |R_t| of this update, drawn in the pass
+            feedback = layer.sign_random_feedback(weight, ctx.step)
+        elif magnitude.dim() == 0:  # uSF: B = c sign(W); scale the (smaller) signal instead
+            feedback, scale = torch.sign(weight), magnitude
+        else:  # frSF
+            feedback = ops.sign_feedback(weight, magnitude)
+        gi, gw, gb = layer.backward_math(grad_output, x, feedback, need[0], need[1], need[2])
+        if gi is not None and scale is not None:
+            gi = gi.mul_(scale)
+        return gi, gw, gb, None, None, None
 
 
 class KolenPollackFunction(torch.autograd.Function):
@@ -636,29 +644,21 @@ class FeedbackLayer(nn.Module):
             return None
         if self.mode in ("fa", "wm", "kp"):
             return self.feedback
-        return torch.sign(self.weight.detach()) * self._sign_magnitude(redraw=False)
-
-    def _sign_magnitude(self, redraw: bool, draw: bool = True) -> Tensor:
+        weight = self.weight.detach()
         if self.mode == "brsf":
-            if redraw:
-                self.feedback_step.add_(1)
-            if not draw:
-                return self.weight.new_empty(0)  # placeholder: no signal is computed from it
-            return self._draw_magnitude(int(self.feedback_step))
-        return self.feedback_magnitude
+            return self.sign_random_feedback(weight, int(self.feedback_step))
+        return ops.sign_feedback(weight, self.feedback_magnitude)
 
-    def _draw_magnitude(self, step: int) -> Tensor:
-        """brSF's |R_t| for update ``step``: drawn from the feedback initialiser directly in W's
-        dtype on W's device (a uniform's magnitude is uniform on [0, bound], a normal's is
-        half-normal), keyed by (seed, layer, step) so that a resumed run redraws the same."""
-        w = self.weight
-        g = torch.Generator(device=w.device).manual_seed(
-            _mix_seed(self.feedback_seed, self.layer_index, 3, step))
+    def sign_random_feedback(self, weight: Tensor, step: int) -> Tensor:
+        """brSF's B = sign(W) |R_t| for update ``step``, |R_t| from the feedback initialiser
+        (|U(-b, b)| = U(0, b) or a half-normal), keyed by (seed, layer, step): a resumed run
+        redraws the same."""
         std = self.init_std(self.feedback_init)
-        out = torch.empty(w.shape, dtype=w.dtype, device=w.device)
         if self.feedback_init.endswith("normal"):
-            return out.normal_(0.0, std, generator=g).abs_()
-        return out.uniform_(0.0, math.sqrt(3.0) * std, generator=g)
+            return ops.sign_random_feedback(weight, self.feedback_seed, self.layer_index, step,
+                                            "half_normal", std)
+        return ops.sign_random_feedback(weight, self.feedback_seed, self.layer_index, step,
+                                        "uniform", math.sqrt(3.0) * std)
 
     # -- forward --------------------------------------------------------------------------------
     def forward(self, x: Tensor) -> Tensor:
@@ -666,10 +666,11 @@ class FeedbackLayer(nn.Module):
         if function is None or self._use_bp or not torch.is_grad_enabled():
             return self.forward_math(x, self.weight, self.bias)
         if function is SignSymmetryFunction:
-            # brSF's fresh |R| is drawn only where a signal is sent below (not for the first
-            # layer, whose input is the data); the update counter advances either way
-            magnitude = self._sign_magnitude(redraw=True, draw=x.requires_grad)
-            return function.apply(x, self.weight, self.bias, magnitude, self)
+            if self.mode == "brsf":  # a fresh |R| for every update
+                self.feedback_step.add_(1)
+                return function.apply(x, self.weight, self.bias, None, self,
+                                      int(self.feedback_step))
+            return function.apply(x, self.weight, self.bias, self.feedback_magnitude, self, 0)
         if function is DirectFeedbackAlignmentFunction:
             self._check_rule_input(x)
         return function.apply(x, self.weight, self.bias, self._buffers.get(
