@@ -31,7 +31,6 @@ model for them in place, sharing the parameters, so the forward outputs stay bit
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import hashlib
 import math
 from collections.abc import Iterator, Sequence
@@ -437,7 +436,8 @@ class FeedbackLayer(nn.Module):
     """Mixin of the feedback-alignment layers: rule state, the forward dispatch, checkpoints.
 
     Subclasses implement :meth:`forward_math` (the plain forward), :meth:`backward_math`
-    (gradients with a given tensor in W's place for the input gradient) and :meth:`fans`.
+    (gradients with a given tensor in W's place for the input gradient) and
+    :meth:`_out_units`.
     """
 
     layer_type: ClassVar[str] = "layer"
@@ -575,11 +575,10 @@ class FeedbackLayer(nn.Module):
                 f"bpdl record it)")
         return math.prod(self.input_shape)
 
-    def _draw_random(self, stream: int, step: int | None = None) -> Tensor:
-        """A tensor shaped like W from the feedback initialiser, on the CPU, keyed by (seed,
-        layer, stream[, step]) so every layer and every redraw has its own stream."""
-        key = (self.feedback_seed, self.layer_index, stream) + (() if step is None else (step,))
-        g = torch.Generator().manual_seed(_mix_seed(*key))
+    def _draw_random(self, stream: int) -> Tensor:
+        """A float64 tensor shaped like W from the feedback initialiser, on the CPU (the same
+        numbers whatever W's device), keyed by (seed, layer, stream)."""
+        g = torch.Generator().manual_seed(_mix_seed(self.feedback_seed, self.layer_index, stream))
         std = self.init_std(self.feedback_init)
         out = torch.empty(self.weight.shape, dtype=torch.float64)
         if self.feedback_init.endswith("normal"):
@@ -1067,8 +1066,3 @@ def _output_size(layer: nn.Module, layer_input: tuple[int, ...] | None,
         "DFA needs the size of the network's output error: the last weight layer is a Conv2d "
         "whose output size depends on the input. Pass num_outputs=N (or input_shape=(C, H, W)) "
         "to bpdl.convert / the dfa rule options")
-
-
-def config_dict(cfg: Any) -> dict[str, Any]:
-    """The options dataclass as a dict (for run records)."""
-    return dataclasses.asdict(cfg)
