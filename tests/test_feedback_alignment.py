@@ -527,8 +527,15 @@ def test_reproduce_command_runs_and_tabulates(tmp_path, real_data_root, capsys):
     row = next(line for line in table.splitlines() if line.startswith("| dfa"))
     cells = [c.strip() for c in row.split("|")[1:-1]]
     assert cells[2] == "same" and cells[5] == "2.69"  # last layer rule, published
-    assert 0 < float(cells[6]) < 15                # 8,000 examples of DFA: about 90% right
+    assert 0 < float(cells[6]) < 20                # 8,000 examples of DFA: about 90% right
     assert (out / "learning_curves.png").exists() and (out / "alignment.png").exists()
+    # another run into the same folder joins the table
+    assert main(["reproduce", "meulemans2021_dfa", "--epochs", "1", "--entries", "bp",
+                 "--max-examples", "2000", "--out", str(out), "--data-dir",
+                 str(real_data_root), "--offline", "--no-progress", "--threads", "2"]) == 0
+    rows = [line.split("|")[1].strip() for line in (out / "results.md").read_text().splitlines()
+            if line.startswith("| bp") or line.startswith("| dfa")]
+    assert rows == ["bp", "dfa"]  # in the experiment's order
     assert main(["reproduce", "nonexistent", "--out", str(tmp_path / "x")]) == 2
 
 

@@ -126,9 +126,20 @@ def run_experiment(name: str, out_dir: str | os.PathLike, *, epochs: int | None 
             "rule_state": s.get("rule_state", {}),
         })
     out.mkdir(parents=True, exist_ok=True)
-    (out / "results.json").write_text(json.dumps(rows, indent=2) + "\n")
-    (out / "results.md").write_text(results_table(experiment, rows))
-    _figures(out, rows)
+    # keep the rows of runs trained earlier into the same folder (e.g. with --entries)
+    previous = {}
+    if (out / "results.json").exists():
+        try:
+            previous = {r["label"]: r for r in json.loads((out / "results.json").read_text())}
+        except (OSError, json.JSONDecodeError, KeyError, TypeError):
+            previous = {}
+    previous.update({r["label"]: r for r in rows})
+    order = [r.label for r in experiment.runs]
+    merged = sorted(previous.values(), key=lambda r: order.index(r["label"])
+                    if r["label"] in order else len(order))
+    (out / "results.json").write_text(json.dumps(merged, indent=2) + "\n")
+    (out / "results.md").write_text(results_table(experiment, merged))
+    _figures(out, merged)
     return rows
 
 
