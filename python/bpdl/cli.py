@@ -182,12 +182,16 @@ def cmd_train(args: argparse.Namespace) -> int:
 DEFAULT_COMPARISON: list[tuple[str, dict[str, Any]]] = [
     ("bp-mlp", {"model": "mlp", "rule": "bp"}),
     ("bp-cnn", {"model": "cnn", "rule": "bp"}),
+    ("fa-mlp", {"model": "mlp", "rule": "fa"}),
+    ("dfa-mlp", {"model": "mlp", "rule": "dfa"}),
+    ("frsf-mlp", {"model": "mlp", "rule": "frsf"}),
+    ("kp-mlp", {"model": "mlp", "rule": "kp"}),
 ]
 
 
 def cmd_compare(args: argparse.Namespace) -> int:
     from bpdl.errors import ConfigError
-    from bpdl.plots import plot_comparison, plot_learning_curves
+    from bpdl.plots import plot_alignment, plot_comparison, plot_learning_curves
     from bpdl.train import RunConfig, train
 
     entries = DEFAULT_COMPARISON
@@ -220,6 +224,10 @@ def cmd_compare(args: argparse.Namespace) -> int:
     plot_comparison(run_dirs, out / "comparison", labels=labels,
                     title=f"bpdl compare: {base['dataset']}")
     plot_learning_curves(run_dirs, out / "learning_curves", labels=labels)
+    aligned = [(d, lab) for d, lab in zip(run_dirs, labels, strict=True) if _has_angles(d)]
+    if aligned:
+        plot_alignment([d for d, _ in aligned], out / "alignment",
+                       labels=[lab for _, lab in aligned])
     lines = ["| run | status | val acc | test acc | train time (s) | examples/s |",
              "|---|---|---|---|---|---|"]
     for label, status, val, test, t, eps in rows:
@@ -230,8 +238,46 @@ def cmd_compare(args: argparse.Namespace) -> int:
     table = "\n".join(lines) + "\n"
     (out / "comparison.md").write_text(table)
     print(table)
-    print(f"figures: {out / 'comparison.png'}, {out / 'learning_curves.png'} (and .pdf)")
+    extra = f", {out / 'alignment.png'}" if aligned else ""
+    print(f"figures: {out / 'comparison.png'}, {out / 'learning_curves.png'}{extra} (and .pdf)")
     return 0
+
+
+def _has_angles(run_dir: Path) -> bool:
+    """Whether a run directory's metrics hold any alignment angle."""
+    from bpdl.plots import load_run
+
+    try:
+        history = load_run(run_dir)["history"]
+    except Exception:
+        return False
+    return any(key.startswith("angle") for rec in history
+               for values in rec.get("layers", {}).values() for key in values)
+
+
+# ---- reproduce --------------------------------------------------------------------------------
+
+def cmd_reproduce(args: argparse.Namespace) -> int:
+    from bpdl.errors import ConfigError
+    from bpdl.experiments import EXPERIMENTS, run_experiment
+
+    if args.list or args.name is None:
+        for name in EXPERIMENTS.names():
+            exp = EXPERIMENTS.get(name)
+            runs = ", ".join(r.label for r in exp.runs)
+            print(f"{name}: {exp.title} [runs: {runs}]")
+        if args.name is None and not args.list:
+            raise ConfigError("give an experiment name (see the list above)")
+        return 0
+    out = Path(args.out) if args.out else Path("runs") / "reproduce" / args.name
+    progress = False if args.no_progress else None
+    rows = run_experiment(args.name, out, epochs=args.epochs, entries=args.entries,
+                          threads=args.threads, max_examples=args.max_examples,
+                          data_dir=args.data_dir, download=_download(args),
+                          progress=progress, log=lambda s: print(s, file=sys.stderr, flush=True))
+    print((out / "results.md").read_text())
+    print(f"figures: {out / 'learning_curves.png'} (and alignment.png where recorded)")
+    return 3 if any(r["status"] == "diverged" for r in rows) else 0
 
 
 # ---- plot -------------------------------------------------------------------------------------
@@ -345,6 +391,25 @@ def build_parser() -> argparse.ArgumentParser:
                    help=f"subset of: {', '.join(k for k, _ in DEFAULT_COMPARISON)}")
     p.add_argument("--out", type=Path, default=Path("runs/compare"), help="output folder")
     p.set_defaults(func=cmd_compare)
+
+    p = sub.add_parser("reproduce", help="rerun a published experiment and compare with its "
+                                         "numbers",
+                       description="Train the runs of a named published experiment (see --list) "
+                                   "into OUT/<run> and write OUT/results.md with the published "
+                                   "and measured test errors. Rerunning resumes.")
+    p.add_argument("name", nargs="?", default=None, help="experiment name (see --list)")
+    p.add_argument("--list", action="store_true", help="list the experiments")
+    p.add_argument("--epochs", type=int, default=None,
+                   help="train this many epochs instead of the published number")
+    p.add_argument("--entries", nargs="+", default=None, help="only these runs (labels)")
+    p.add_argument("--max-examples", type=int, default=None,
+                   help="stop each run after this many training examples (smoke tests)")
+    p.add_argument("--out", default=None, help="output folder (default runs/reproduce/NAME)")
+    p.add_argument("--threads", type=int, default=None, help="CPU threads for torch")
+    p.add_argument("--data-dir", default=None)
+    p.add_argument("--offline", action="store_true", help="never download datasets")
+    p.add_argument("--no-progress", action="store_true")
+    p.set_defaults(func=cmd_reproduce)
 
     p = sub.add_parser("plot", help="figures from run directories",
                        description="Plot run directories. KIND is curves (default: learning "

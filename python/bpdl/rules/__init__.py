@@ -12,7 +12,10 @@ from torch import nn
 
 from bpdl.config import from_dict
 from bpdl.errors import ConfigError
-from bpdl.rules import backprop  # noqa: F401  (registers "bp")
+from bpdl.rules import (
+    backprop,  # noqa: F401  (registers "bp")
+    feedback_alignment,  # noqa: F401  (fa, dfa, usf, brsf, frsf, kp, wm)
+)
 from bpdl.rules.base import Learner, LearnerProtocol, angle_degrees
 from bpdl.rules.registry import RULES
 
