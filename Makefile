@@ -8,7 +8,7 @@
 PYTHON ?= python3
 VENV ?= .venv
 TORCH_SPEC ?= torch==2.14.1 torchvision==0.29.1
-EXTRAS ?= test
+EXTRAS ?= test,ray
 DEMO_OUT ?= runs/compare
 PYTEST_ARGS ?=
 
@@ -26,7 +26,7 @@ $(STAMP_TORCH):
 	$(PIP) install "scikit-build-core>=0.10" "pybind11>=2.12" ninja
 	touch $@
 
-$(STAMP_BPDL): $(STAMP_TORCH) pyproject.toml CMakeLists.txt
+$(STAMP_BPDL): $(STAMP_TORCH) pyproject.toml CMakeLists.txt Makefile
 	$(PIP) install --no-build-isolation -Ceditable.rebuild=true -e ".[$(EXTRAS)]"
 	touch $@
 

@@ -29,4 +29,29 @@ TORCH_LIBRARY(bpdl, m) {
   m.def("segregated_test(Tensor[] W, Tensor[] b, Tensor[] Y, Tensor[] c, Tensor x_rate, "
         "Tensor kappa, Tensor lane_key, int seed, int steps, int window, float[] params, "
         "int[] flags, int[] need_test) -> Tensor");
+
+  // ---- locally connected layers (unshared convolution; ALGORITHMS.md 2.3) ----------------------
+  // y[n,o,i,j] = sum_{c,u,v} W[i,j,o,c,u,v] x[n,c,s0*i+u-p0,s1*j+v-p1]; weight (OH,OW,O,C,KH,KW),
+  // padding (top, left), output size read from the weight, zeros outside the input.
+  m.def("locally_connected2d(Tensor input, Tensor weight, int[2] stride, int[2] padding) -> Tensor");
+  // dL/dx of the above (the transposed LC map; with a feedback tensor in place of W, the
+  // feedback-alignment signal). input_size is (H, W).
+  m.def("locally_connected2d_grad_input(Tensor grad_output, Tensor weight, int[2] input_size, "
+        "int[2] stride, int[2] padding) -> Tensor");
+  // dL/dW of the above, shaped like the weight.
+  m.def("locally_connected2d_grad_weight(Tensor grad_output, Tensor input, int[2] kernel_size, "
+        "int[2] stride, int[2] padding) -> Tensor");
+
+  // ---- direct feedback alignment with regenerated feedback (ALGORITHMS.md 3.3) ------------------
+  // out = error @ D with D[k, j] = scale * (2 u - 1), u = Philox uniform keyed by seed and
+  // counted by (element k * num_features + j, step 0, stream): D is never stored.
+  m.def("dfa_project(Tensor error, int num_features, int seed, int stream, float scale) -> Tensor");
+
+  // ---- sign-symmetric feedback (ALGORITHMS.md 3.4) ----------------------------------------------
+  // B = sign(W) * M with M a 0-dim tensor (uSF) or shaped like W (frSF); sign(0) = 0.
+  m.def("sign_feedback(Tensor weight, Tensor magnitude) -> Tensor");
+  // brSF: B = sign(W) * |R|, |R| drawn per element from Philox keyed by seed and counted by
+  // (element // 4, step, stream): scale * u (distribution 0, uniform) or half-normal (1).
+  m.def("sign_random_feedback(Tensor weight, int seed, int stream, int step, int distribution, "
+        "float scale) -> Tensor");
 }

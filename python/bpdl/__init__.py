@@ -15,7 +15,8 @@ from bpdl._native import load_extension
 _C = load_extension()
 
 from bpdl import ops  # noqa: E402,F401  (registers fake and autograd functions)
+from bpdl.nn.feedback import convert  # noqa: E402
 
 __version__ = "0.1.0"
 
-__all__ = ["__version__", "ops"]
+__all__ = ["__version__", "convert", "ops"]

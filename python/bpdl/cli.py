@@ -1,4 +1,4 @@
-"""The ``bpdl`` command: train, compare, plot, info.
+"""The ``bpdl`` command: train, compare, plot, info, study.
 
 Errors the user can fix (unknown names, impossible values, missing data, unusable output
 folders) print one line and exit with status 2; a diverged run exits with 3.
@@ -203,6 +203,10 @@ def cmd_train(args: argparse.Namespace) -> int:
 DEFAULT_COMPARISON: list[tuple[str, dict[str, Any]]] = [
     ("bp-mlp", {"model": "mlp", "rule": "bp"}),
     ("bp-cnn", {"model": "cnn", "rule": "bp"}),
+    ("fa-mlp", {"model": "mlp", "rule": "fa"}),
+    ("dfa-mlp", {"model": "mlp", "rule": "dfa"}),
+    ("frsf-mlp", {"model": "mlp", "rule": "frsf"}),
+    ("kp-mlp", {"model": "mlp", "rule": "kp"}),
     # G17's spiking network, 784-500-10, SGD with the paper's rates rescaled for 32 lanes
     ("segregated", {"model": "segregated", "rule": "segregated", "optimizer": "sgd",
                     "batch_size": 32, "layer_lrs": [0.21, 0.039375],
@@ -212,7 +216,7 @@ DEFAULT_COMPARISON: list[tuple[str, dict[str, Any]]] = [
 
 def cmd_compare(args: argparse.Namespace) -> int:
     from bpdl.errors import ConfigError
-    from bpdl.plots import plot_comparison, plot_learning_curves
+    from bpdl.plots import plot_alignment, plot_comparison, plot_learning_curves
     from bpdl.train import RunConfig, train
 
     entries = DEFAULT_COMPARISON
@@ -224,6 +228,8 @@ def cmd_compare(args: argparse.Namespace) -> int:
                               f"{', '.join(known)}")
         entries = [(e, known[e]) for e in args.entries]
     base = _config_from_args(args).to_dict()
+    if args.eval_every is None:
+        base["eval_every"] = 5000  # learning curves, not just end points
     out = Path(args.out)
     run_dirs, labels, rows = [], [], []
     progress = False if args.no_progress else None
@@ -243,6 +249,10 @@ def cmd_compare(args: argparse.Namespace) -> int:
     plot_comparison(run_dirs, out / "comparison", labels=labels,
                     title=f"bpdl compare: {base['dataset']}")
     plot_learning_curves(run_dirs, out / "learning_curves", labels=labels)
+    aligned = [(d, lab) for d, lab in zip(run_dirs, labels, strict=True) if _has_angles(d)]
+    if aligned:
+        plot_alignment([d for d, _ in aligned], out / "alignment",
+                       labels=[lab for _, lab in aligned])
     lines = ["| run | status | val acc | test acc | train time (s) | examples/s |",
              "|---|---|---|---|---|---|"]
     for label, status, val, test, t, eps in rows:
@@ -253,8 +263,69 @@ def cmd_compare(args: argparse.Namespace) -> int:
     table = "\n".join(lines) + "\n"
     (out / "comparison.md").write_text(table)
     print(table)
-    print(f"figures: {out / 'comparison.png'}, {out / 'learning_curves.png'} (and .pdf)")
+    extra = f", {out / 'alignment.png'}" if aligned else ""
+    print(f"figures: {out / 'comparison.png'}, {out / 'learning_curves.png'}{extra} (and .pdf)")
     return 0
+
+
+def _has_angles(run_dir: Path) -> bool:
+    """Whether a run directory's metrics hold any alignment angle."""
+    from bpdl.plots import load_run
+
+    try:
+        history = load_run(run_dir)["history"]
+    except Exception:
+        return False
+    return any(key.startswith("angle") for rec in history
+               for values in rec.get("layers", {}).values() for key in values)
+
+
+# ---- reproduce --------------------------------------------------------------------------------
+
+def _reproduce_guerguiev2017(args: argparse.Namespace) -> int:
+    from bpdl.segregated_experiments import run_guerguiev2017
+
+    out = Path(args.out) if args.out else Path("runs") / "reproduce" / (
+        f"guerguiev2017-{args.layers}layer" + ("" if args.variant == "fixed" else f"-{args.variant}"))
+    progress = False if args.no_progress else None
+    record = run_guerguiev2017(out, layers=args.layers,
+                               epochs=60 if args.epochs is None else args.epochs,
+                               batch_size=args.batch_size, variant=args.variant,
+                               feedback_bias=args.feedback_bias, seed=args.seed,
+                               test_repeats=args.test_repeats, threads=args.threads,
+                               device=args.device, max_examples=args.max_examples,
+                               data_dir=args.data_dir, download=_download(args),
+                               progress=progress)
+    print((out / "reproduction.md").read_text())
+    print(f"figures: {out / 'figures' / 'test_error.png'} (and .pdf)")
+    return 3 if record["status"] == "diverged" else 0
+
+
+def cmd_reproduce(args: argparse.Namespace) -> int:
+    from bpdl.errors import ConfigError
+    from bpdl.experiments import EXPERIMENTS, run_experiment
+
+    if args.list or args.name is None:
+        for name in EXPERIMENTS.names():
+            exp = EXPERIMENTS.get(name)
+            runs = ", ".join(r.label for r in exp.runs)
+            print(f"{name}: {exp.title} [runs: {runs}]")
+        print("guerguiev2017: Guerguiev, Lillicrap & Richards (2017), segregated dendrites on "
+              "MNIST [--layers 0|1|2, --variant fixed|sparse|symmetric]")
+        if args.name is None and not args.list:
+            raise ConfigError("give an experiment name (see the list above)")
+        return 0
+    if args.name == "guerguiev2017":
+        return _reproduce_guerguiev2017(args)
+    out = Path(args.out) if args.out else Path("runs") / "reproduce" / args.name
+    progress = False if args.no_progress else None
+    rows = run_experiment(args.name, out, epochs=args.epochs, entries=args.entries,
+                          threads=args.threads, max_examples=args.max_examples,
+                          data_dir=args.data_dir, download=_download(args),
+                          progress=progress, log=lambda s: print(s, file=sys.stderr, flush=True))
+    print((out / "results.md").read_text())
+    print(f"figures: {out / 'learning_curves.png'} (and alignment.png where recorded)")
+    return 3 if any(r["status"] == "diverged" for r in rows) else 0
 
 
 # ---- plot -------------------------------------------------------------------------------------
@@ -297,29 +368,6 @@ def cmd_plot(args: argparse.Namespace) -> int:
         print(f"recorded {trace}")
     print(f"wrote {out.with_suffix('.png')} and {out.with_suffix('.pdf')}")
     return 0
-
-
-# ---- reproduce --------------------------------------------------------------------------------
-
-def cmd_reproduce(args: argparse.Namespace) -> int:
-    from bpdl.errors import ConfigError
-    from bpdl.segregated_experiments import run_guerguiev2017
-
-    if args.name != "guerguiev2017":
-        raise ConfigError(f"unknown experiment {args.name!r}; available: guerguiev2017")
-    out = Path(args.out) if args.out else Path("runs") / "reproduce" / (
-        f"guerguiev2017-{args.layers}layer" + ("" if args.variant == "fixed" else f"-{args.variant}"))
-    progress = False if args.no_progress else None
-    record = run_guerguiev2017(out, layers=args.layers, epochs=args.epochs,
-                               batch_size=args.batch_size, variant=args.variant,
-                               feedback_bias=args.feedback_bias, seed=args.seed,
-                               test_repeats=args.test_repeats, threads=args.threads,
-                               device=args.device, max_examples=args.max_examples,
-                               data_dir=args.data_dir, download=_download(args),
-                               progress=progress)
-    print((out / "reproduction.md").read_text())
-    print(f"figures: {out / 'figures' / 'test_error.png'} (and .pdf)")
-    return 3 if record["status"] == "diverged" else 0
 
 
 # ---- info -------------------------------------------------------------------------------------
@@ -400,10 +448,41 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", type=Path, default=Path("runs/compare"), help="output folder")
     p.set_defaults(func=cmd_compare)
 
+    p = sub.add_parser("reproduce", help="rerun a published experiment and compare with its "
+                                         "numbers",
+                       description="Train the runs of a named published experiment (see --list) "
+                                   "into OUT/<run> and write OUT/results.md with the published "
+                                   "and measured test errors. Rerunning resumes.")
+    p.add_argument("name", nargs="?", default=None, help="experiment name (see --list)")
+    p.add_argument("--list", action="store_true", help="list the experiments")
+    p.add_argument("--epochs", type=int, default=None,
+                   help="train this many epochs instead of the published number")
+    p.add_argument("--entries", nargs="+", default=None, help="only these runs (labels)")
+    p.add_argument("--max-examples", type=int, default=None,
+                   help="stop each run after this many training examples (smoke tests)")
+    p.add_argument("--out", default=None, help="output folder (default runs/reproduce/NAME)")
+    p.add_argument("--threads", type=int, default=None, help="CPU threads for torch")
+    p.add_argument("--data-dir", default=None)
+    p.add_argument("--offline", action="store_true", help="never download datasets")
+    p.add_argument("--no-progress", action="store_true")
+    g = p.add_argument_group("guerguiev2017 (segregated dendrites) only")
+    g.add_argument("--layers", type=int, default=1, choices=(0, 1, 2),
+                   help="hidden layers: 0 (784-10), 1 (784-500-10), 2 (784-500-100-10)")
+    g.add_argument("--variant", default="fixed", choices=("fixed", "sparse", "symmetric"),
+                   help="feedback weights (sparse/symmetric: 784-500-10 only)")
+    g.add_argument("--feedback-bias", default="none", choices=("none", "g23f", "ghead"))
+    g.add_argument("--batch-size", type=int, default=None,
+                   help="lanes per update (default 32; the rates are rescaled for it)")
+    g.add_argument("--test-repeats", type=int, default=20,
+                   help="repeated tests of the final weights (the paper averages 20)")
+    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--device", default="auto")
+    p.set_defaults(func=cmd_reproduce)
+
     p = sub.add_parser("plot", help="figures from run directories",
                        description="Plot run directories. KIND is curves (default: learning "
-                                   "curves of all runs in one figure), weights, alignment or "
-                                   "comparison.")
+                                   "curves of all runs in one figure), weights, alignment, "
+                                   "comparison or dynamics (segregated runs).")
     p.add_argument("runs", nargs="+", metavar="[KIND] RUN_DIR",
                    help="optional kind, then one or more run directories")
     p.add_argument("--kind", choices=PLOT_KINDS, default=None)
@@ -418,35 +497,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--offline", action="store_true", help="dynamics: never download datasets")
     p.set_defaults(func=cmd_plot)
 
-    p = sub.add_parser("reproduce", help="rerun a published experiment",
-                       description="guerguiev2017: the MNIST experiment of Guerguiev, Lillicrap "
-                                   "& Richards (2017) with the segregated-dendrite network; "
-                                   "writes the run, reproduction.json/.md and the test-error "
-                                   "learning curve. Rerunning resumes.")
-    p.add_argument("name", help="guerguiev2017")
-    p.add_argument("--layers", type=int, default=1, choices=(0, 1, 2),
-                   help="hidden layers: 0 (784-10), 1 (784-500-10), 2 (784-500-100-10)")
-    p.add_argument("--variant", default="fixed", choices=("fixed", "sparse", "symmetric"),
-                   help="feedback weights (sparse/symmetric: 784-500-10 only)")
-    p.add_argument("--feedback-bias", default="none", choices=("none", "g23f", "ghead"))
-    p.add_argument("--epochs", type=int, default=60)
-    p.add_argument("--batch-size", type=int, default=None,
-                   help="lanes per update (default 32; the rates are rescaled for it)")
-    p.add_argument("--max-examples", type=int, default=None)
-    p.add_argument("--test-repeats", type=int, default=20,
-                   help="repeated tests of the final weights (the paper averages 20)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--device", default="auto")
-    p.add_argument("--threads", type=int, default=None)
-    p.add_argument("--out", default=None)
-    p.add_argument("--data-dir", default=None)
-    p.add_argument("--offline", action="store_true")
-    p.add_argument("--no-progress", action="store_true")
-    p.set_defaults(func=cmd_reproduce)
-
     p = sub.add_parser("info", help="versions, compiled kernels, threads, data root")
     p.add_argument("--data-dir", default=None)
     p.set_defaults(func=cmd_info)
+
+    from bpdl.studies.cli import add_study_parser
+
+    add_study_parser(sub)
     return parser
 
 

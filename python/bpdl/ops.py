@@ -8,12 +8,17 @@ reference in :mod:`bpdl.functional` that the tests compare against exactly.
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 
 import torch
 from torch import Tensor
 
-__all__ = ["poisson_spikes", "MAX_POISSON_MEAN", "segregated_layer_step", "segregated_sparse_basal",
-           "segregated_plasticity", "segregated_train_example", "segregated_test"]
+__all__ = [
+    "MAGNITUDE_DISTRIBUTIONS", "MAX_POISSON_MEAN", "dfa_project", "locally_connected2d",
+    "locally_connected2d_grad_input", "locally_connected2d_grad_weight", "poisson_spikes",
+    "segregated_layer_step", "segregated_plasticity", "segregated_sparse_basal", "segregated_test",
+    "segregated_train_example", "sign_feedback", "sign_random_feedback",
+]
 
 #: Largest expected count per draw the Poisson sampler accepts (rate * dt).
 MAX_POISSON_MEAN = 64.0
@@ -257,3 +262,274 @@ def _segregated_train_example_fake(W, b, Y, c, x_rate, target, kappa, in_ring, r
 def _segregated_test_fake(W, b, Y, c, x_rate, kappa, lane_key, seed, steps, window, params, flags,
                           need_test):
     return x_rate.new_empty((x_rate.shape[0], W[-1].shape[0]))
+
+# ---- locally connected layers ---------------------------------------------------------------------
+
+def _pair(value: int | Sequence[int], name: str, low: int) -> list[int]:
+    if isinstance(value, int) and not isinstance(value, bool):
+        value = (value, value)
+    try:
+        pair = [int(v) for v in value]
+    except (TypeError, ValueError):
+        raise TypeError(f"{name} must be an int or a pair of ints, got {value!r}") from None
+    if len(pair) != 2 or any(v < low for v in pair):
+        raise ValueError(f"{name} must be an int or a pair of ints >= {low}, got {value!r}")
+    return pair
+
+
+def _check_lc_tensor(t: Tensor, name: str, dims: int, what: str) -> None:
+    if not isinstance(t, Tensor):
+        raise TypeError(f"locally_connected2d: {name} must be a torch.Tensor, got "
+                        f"{type(t).__name__}")
+    if t.dim() != dims:
+        raise ValueError(f"locally_connected2d: {name} must be {what}, got shape "
+                         f"{tuple(t.shape)}")
+    if t.dtype not in (torch.float32, torch.float64):
+        raise TypeError(f"locally_connected2d: {name} must be float32 or float64, got {t.dtype}")
+
+
+def locally_connected2d(input: Tensor, weight: Tensor, bias: Tensor | None = None,
+                        stride: int | Sequence[int] = 1,
+                        padding: int | Sequence[int] = 0) -> Tensor:
+    """Locally connected layer (unshared convolution, B18): a convolution whose filter differs at
+    every output location,
+
+        y[n, o, i, j] = sum_{c,u,v} W[i, j, o, c, u, v] x[n, c, s_h i + u - p_t, s_w j + v - p_l]
+                        + b,
+
+    with zeros outside the input. Fused kernel: one small GEMM per output location on a patch
+    buffer gathered on the fly, so the unfolded input (N, C k_h k_w, H_out W_out) of the
+    reference :func:`bpdl.functional.locally_connected2d` is never materialised. Differentiable
+    in ``input`` and ``weight`` (to any order; the gradients are the other two ops of this family)
+    and in ``bias`` through ordinary autograd.
+
+    Args:
+        input: (N, C, H, W), float32 or float64.
+        weight: (H_out, W_out, O, C, k_h, k_w); the output size is read from it.
+        bias: None, per channel (O,) or per location (O, H_out, W_out).
+        stride: (s_h, s_w) or one int.
+        padding: (top, left) or one int. Patch entries below or right of the input read zero,
+            which covers TensorFlow's asymmetric "SAME" padding.
+
+    Returns:
+        (N, O, H_out, W_out).
+    """
+    _check_lc_tensor(input, "input", 4, "(N, C, H, W)")
+    _check_lc_tensor(weight, "weight", 6, "(H_out, W_out, O, C, k_h, k_w)")
+    out = torch.ops.bpdl.locally_connected2d(input, weight, _pair(stride, "stride", 1),
+                                             _pair(padding, "padding", 0))
+    if bias is not None:
+        o, oh, ow = weight.shape[2], weight.shape[0], weight.shape[1]
+        if tuple(bias.shape) == (o,):
+            bias = bias.reshape(o, 1, 1)
+        elif tuple(bias.shape) != (o, oh, ow):
+            raise ValueError(f"locally_connected2d: bias must be ({o},) or ({o}, {oh}, {ow}), "
+                             f"got shape {tuple(bias.shape)}")
+        out = out + bias
+    return out
+
+
+def locally_connected2d_grad_input(grad_output: Tensor, weight: Tensor,
+                                   input_size: Sequence[int], stride: int | Sequence[int] = 1,
+                                   padding: int | Sequence[int] = 0) -> Tensor:
+    """Input gradient of :func:`locally_connected2d`, the transposed locally connected map:
+
+        dx[n, c, h, w] = sum over (i, j, o, u, v) with s_h i + u - p_t = h, s_w j + v - p_l = w
+                         of g[n, o, i, j] W[i, j, o, c, u, v].
+
+    With a feedback tensor B in place of W this is the feedback-alignment signal sent to the
+    layer below (ALGORITHMS.md 3.1). ``input_size`` is (H, W)."""
+    _check_lc_tensor(grad_output, "grad_output", 4, "(N, O, H_out, W_out)")
+    _check_lc_tensor(weight, "weight", 6, "(H_out, W_out, O, C, k_h, k_w)")
+    return torch.ops.bpdl.locally_connected2d_grad_input(
+        grad_output, weight, _pair(tuple(input_size), "input_size", 1),
+        _pair(stride, "stride", 1), _pair(padding, "padding", 0))
+
+
+def locally_connected2d_grad_weight(grad_output: Tensor, input: Tensor,
+                                    kernel_size: int | Sequence[int],
+                                    stride: int | Sequence[int] = 1,
+                                    padding: int | Sequence[int] = 0) -> Tensor:
+    """Weight gradient of :func:`locally_connected2d`:
+    dW[i, j, o, c, u, v] = sum_n g[n, o, i, j] x[n, c, s_h i + u - p_t, s_w j + v - p_l]."""
+    _check_lc_tensor(grad_output, "grad_output", 4, "(N, O, H_out, W_out)")
+    _check_lc_tensor(input, "input", 4, "(N, C, H, W)")
+    return torch.ops.bpdl.locally_connected2d_grad_weight(
+        grad_output, input, _pair(kernel_size, "kernel_size", 1), _pair(stride, "stride", 1),
+        _pair(padding, "padding", 0))
+
+
+@torch.library.register_fake("bpdl::locally_connected2d")
+def _lc_fake(input, weight, stride, padding):
+    torch._check(input.dim() == 4 and weight.dim() == 6)
+    return input.new_empty((input.shape[0], weight.shape[2], weight.shape[0], weight.shape[1]))
+
+
+@torch.library.register_fake("bpdl::locally_connected2d_grad_input")
+def _lc_grad_input_fake(grad_output, weight, input_size, stride, padding):
+    return grad_output.new_empty((grad_output.shape[0], weight.shape[3], input_size[0],
+                                  input_size[1]))
+
+
+@torch.library.register_fake("bpdl::locally_connected2d_grad_weight")
+def _lc_grad_weight_fake(grad_output, input, kernel_size, stride, padding):
+    return input.new_empty((grad_output.shape[2], grad_output.shape[3], grad_output.shape[1],
+                            input.shape[1], kernel_size[0], kernel_size[1]))
+
+
+# The three ops are each other's adjoints (F(x, W) = y, Gi = dF/dx^T, Gw = dF/dW^T), so each
+# one's gradient is the other two: gradients of every order stay on the fused kernels.
+def _lc_setup(ctx, inputs, output):
+    ctx.save_for_backward(inputs[0], inputs[1])
+    ctx.args = tuple(inputs[2:])
+
+
+def _lc_backward(ctx, grad):
+    x, w = ctx.saved_tensors
+    stride, padding = ctx.args
+    gx = gw = None
+    if ctx.needs_input_grad[0]:
+        gx = torch.ops.bpdl.locally_connected2d_grad_input(grad, w, list(x.shape[2:]), stride,
+                                                           padding)
+    if ctx.needs_input_grad[1]:
+        gw = torch.ops.bpdl.locally_connected2d_grad_weight(grad, x, list(w.shape[4:]), stride,
+                                                            padding)
+    return gx, gw, None, None
+
+
+def _lc_gi_backward(ctx, grad):
+    # Gi(g, W) = a: d<a_bar, Gi>/dg = F(a_bar, W); d/dW = Gw(g, a_bar)
+    g, w = ctx.saved_tensors
+    input_size, stride, padding = ctx.args
+    dg = dw = None
+    if ctx.needs_input_grad[0]:
+        dg = torch.ops.bpdl.locally_connected2d(grad, w, stride, padding)
+    if ctx.needs_input_grad[1]:
+        dw = torch.ops.bpdl.locally_connected2d_grad_weight(g, grad, list(w.shape[4:]), stride,
+                                                            padding)
+    return dg, dw, None, None, None
+
+
+def _lc_gw_backward(ctx, grad):
+    # Gw(g, x) = A: d<A_bar, Gw>/dg = F(x, A_bar); d/dx = Gi(g, A_bar)
+    g, x = ctx.saved_tensors
+    kernel_size, stride, padding = ctx.args
+    dg = dx = None
+    if ctx.needs_input_grad[0]:
+        dg = torch.ops.bpdl.locally_connected2d(x, grad, stride, padding)
+    if ctx.needs_input_grad[1]:
+        dx = torch.ops.bpdl.locally_connected2d_grad_input(g, grad, list(x.shape[2:]), stride,
+                                                           padding)
+    return dg, dx, None, None, None
+
+
+torch.library.register_autograd("bpdl::locally_connected2d", _lc_backward, setup_context=_lc_setup)
+torch.library.register_autograd("bpdl::locally_connected2d_grad_input", _lc_gi_backward,
+                                setup_context=_lc_setup)
+torch.library.register_autograd("bpdl::locally_connected2d_grad_weight", _lc_gw_backward,
+                                setup_context=_lc_setup)
+
+
+# ---- direct feedback alignment, regenerated feedback ------------------------------------------------
+
+def dfa_project(error: Tensor, num_features: int, seed: int, stream: int, scale: float) -> Tensor:
+    """Direct feedback alignment signal ``error @ D`` without storing D (N16; ALGORITHMS.md 3.3,
+    ``dfa_storage="regenerate"``).
+
+    D has shape (num_outputs, num_features) and entries D[k, j] = scale * (2 u - 1), u the
+    Philox4x32-10 uniform keyed by ``seed`` and counted by (k * num_features + j, 0, ``stream``):
+    uniform on (-scale, scale), drawn tile by tile inside the kernel. It equals, bit for bit, the
+    matrix :func:`bpdl.functional.dfa_feedback_matrix` stores for the same arguments.
+
+    Args:
+        error: (N, num_outputs) output error e, float32 or float64.
+        num_features: columns of D (the flattened size of the layer input that receives the
+            signal).
+        seed: generator seed in [0, 2^63); stream: layer key in [0, 2^32).
+        scale: half-width of the uniform distribution.
+
+    Returns:
+        (N, num_features).
+    """
+    if not isinstance(error, Tensor) or error.dim() != 2:
+        raise ValueError(f"dfa_project: error must be an (N, num_outputs) tensor, got "
+                         f"{getattr(error, 'shape', type(error).__name__)}")
+    if error.dtype not in (torch.float32, torch.float64):
+        raise TypeError(f"dfa_project: error must be float32 or float64, got {error.dtype}")
+    if not 0 <= int(seed) < 2**63 or not 0 <= int(stream) < 2**32:
+        raise ValueError(f"dfa_project: seed must be in [0, 2^63) and stream in [0, 2^32), got "
+                         f"{seed}, {stream}")
+    if not math.isfinite(scale):
+        raise ValueError(f"dfa_project: scale must be finite, got {scale}")
+    return torch.ops.bpdl.dfa_project(error, int(num_features), int(seed), int(stream),
+                                      float(scale))
+
+
+@torch.library.register_fake("bpdl::dfa_project")
+def _dfa_project_fake(error, num_features, seed, stream, scale):
+    return error.new_empty((error.shape[0], num_features))
+
+
+# ---- sign-symmetric feedback ----------------------------------------------------------------------
+
+#: distributions of brSF's random magnitude |R|: index 0 uniform, 1 half-normal
+MAGNITUDE_DISTRIBUTIONS = ("uniform", "half_normal")
+
+
+def sign_feedback(weight: Tensor, magnitude: Tensor) -> Tensor:
+    """Sign-symmetric feedback B = sign(W) * M in one pass (LLP16, X18), sign(0) = 0.
+
+    Args:
+        weight: W, any shape, floating point.
+        magnitude: M, a 0-dim tensor (uSF's constant) or shaped like W (frSF's fixed |R|), with
+            W's dtype and device.
+    """
+    if not isinstance(weight, Tensor) or not weight.is_floating_point():
+        raise TypeError("sign_feedback: weight must be a floating-point tensor")
+    if not isinstance(magnitude, Tensor) or (magnitude.dim() != 0
+                                             and magnitude.shape != weight.shape):
+        raise ValueError(f"sign_feedback: magnitude must be a 0-dim tensor or shaped like the "
+                         f"weight {tuple(weight.shape)}, got "
+                         f"{getattr(magnitude, 'shape', type(magnitude).__name__)}")
+    return torch.ops.bpdl.sign_feedback(weight, magnitude)
+
+
+def sign_random_feedback(weight: Tensor, seed: int, stream: int, step: int,
+                         distribution: str = "uniform", scale: float = 1.0) -> Tensor:
+    """brSF's feedback B = sign(W) * |R_t| with |R_t| drawn inside the kernel (LLP16, X18, SA21).
+
+    Element i of group g = i // 4 takes the uniform u = (w >> 8) 2^-24 + 2^-25 from 32-bit word
+    i % 4 of Philox4x32-10 keyed by ``seed`` and counted by (g, ``step``, ``stream``); the
+    magnitude is ``scale * u`` (|U(-scale, scale)|) or, for ``half_normal``, Box-Muller on the
+    word pairs, ``scale * sqrt(-2 ln u_2k) |cos(2 pi u_2k+1)|`` (``|sin|`` for the odd element):
+    |N(0, scale^2)|. :func:`bpdl.functional.sign_random_feedback` is the reference (uniform
+    magnitudes agree bit for bit; half-normal ones to the last bits of the math library).
+
+    Args:
+        weight: W, floating point. seed in [0, 2^63); stream (the layer) and step (the update
+            counter) in [0, 2^32).
+        distribution: ``uniform`` or ``half_normal``. scale: positive.
+    """
+    if distribution not in MAGNITUDE_DISTRIBUTIONS:
+        raise ValueError(f"sign_random_feedback: distribution must be one of "
+                         f"{MAGNITUDE_DISTRIBUTIONS}, got {distribution!r}")
+    if not isinstance(weight, Tensor) or not weight.is_floating_point():
+        raise TypeError("sign_random_feedback: weight must be a floating-point tensor")
+    if not (0 <= int(seed) < 2**63 and 0 <= int(stream) < 2**32 and 0 <= int(step) < 2**32):
+        raise ValueError(f"sign_random_feedback: seed must be in [0, 2^63), stream and step in "
+                         f"[0, 2^32); got {seed}, {stream}, {step}")
+    if not (math.isfinite(scale) and scale > 0):
+        raise ValueError(f"sign_random_feedback: scale must be positive, got {scale}")
+    return torch.ops.bpdl.sign_random_feedback(weight, int(seed), int(stream), int(step),
+                                               MAGNITUDE_DISTRIBUTIONS.index(distribution),
+                                               float(scale))
+
+
+@torch.library.register_fake("bpdl::sign_feedback")
+def _sign_feedback_fake(weight, magnitude):
+    return torch.empty_like(weight, memory_format=torch.contiguous_format)
+
+
+@torch.library.register_fake("bpdl::sign_random_feedback")
+def _sign_random_feedback_fake(weight, seed, stream, step, distribution, scale):
+    return torch.empty_like(weight, memory_format=torch.contiguous_format)

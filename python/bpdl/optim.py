@@ -18,12 +18,33 @@ import torch
 from bpdl.errors import ConfigError
 from bpdl.registry import Registry
 
+
+class BatchManhattanSGD(torch.optim.SGD):
+    """Batch-Manhattan SGD (Liao, Leibo & Poggio 2016): SGD on the elementwise sign of the
+    minibatch gradient, W <- W - lr * sign(dL/dW), the sign taken before momentum and weight
+    decay. Same options as ``torch.optim.SGD``."""
+
+    @torch.no_grad()
+    def step(self, closure=None):  # type: ignore[override]
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.grad is not None:
+                    p.grad.sign_()
+        super().step()
+        return loss
+
+
 OPTIMIZERS: Registry[Callable[..., torch.optim.Optimizer]] = Registry("optimizer")
 OPTIMIZERS.add("sgd", torch.optim.SGD)
 OPTIMIZERS.add("adam", torch.optim.Adam)
 OPTIMIZERS.add("adamw", torch.optim.AdamW)
 OPTIMIZERS.add("rmsprop", torch.optim.RMSprop)
 OPTIMIZERS.add("adagrad", torch.optim.Adagrad)
+OPTIMIZERS.add("bm_sgd", BatchManhattanSGD)
 
 _NOT_OPTIONS = {"self", "params", "lr"}
 

@@ -196,7 +196,13 @@ def plot_alignment(run_dirs: Sequence[str | os.PathLike | dict[str, Any]],
             for j, layer in enumerate(_layer_names(run["history"])):
                 xs, ys = _layer_series(run["history"], layer, key)
                 if xs:
-                    ax.plot(xs, ys, styles[i % 4], color=f"C{j % 10}", label=f"{label} {layer}")
+                    # a feedback tensor that never carries a signal (FA's first layer) is
+                    # shown, faded and labelled, as ALGORITHMS.md 3.7 asks
+                    _, used = _layer_series(run["history"], layer, "feedback_used")
+                    unused = key == "angle_weight_feedback" and used and not any(used)
+                    ax.plot(xs, ys, styles[i % 4], color=f"C{j % 10}",
+                            alpha=0.35 if unused else 1.0,
+                            label=f"{label} {layer}" + (" (unused)" if unused else ""))
         ax.axhline(90, color="grey", lw=0.8, ls=":")
         ax.set_xlabel("epoch")
         ax.set_ylabel(f"{key} (degrees)")

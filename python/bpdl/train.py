@@ -587,6 +587,8 @@ def _finish(cfg, cfg_dict, status, message, state, n_train, history, learner, te
         "bpdl_version": bpdl.__version__,
         "torch_version": torch.__version__,
         "config": cfg_dict,
+        # what the rule resolved its options to (defaults included), e.g. last_layer_rule
+        "rule_state": learner.extra_state_for_config() if learner is not None else {},
     }
     if history:
         last = history[-1]

@@ -14,6 +14,7 @@ from bpdl.config import from_dict
 from bpdl.errors import ConfigError
 from bpdl.rules import (
     backprop,  # noqa: F401  (registers "bp")
+    feedback_alignment,  # noqa: F401  (fa, dfa, usf, brsf, frsf, kp, wm)
     segregated,  # noqa: F401  (registers "segregated")
 )
 from bpdl.rules.base import Learner, LearnerProtocol, angle_degrees
