@@ -83,6 +83,52 @@ def test_t19_spaces_decode_and_use_log_scales():
     assert 0.0012 < statistics.median(lrs) < 0.0045  # sqrt(1e-4 * 0.05) = 0.00224
 
 
+def test_every_registered_rule_has_a_space_whose_proposals_build():
+    """Each rule's default space on its natural model proposes configurations that validate
+    and build (rejections only where documented: segregated's noisy-without-symmetric)."""
+    import nevergrad as ng
+    from bpdl.studies.runner import check_proposal
+
+    natural = {"segregated": "segregated"}
+    for rule in rules.names():
+        model = natural.get(rule, "mlp")
+        space = sp.default_space(rule, model)
+        assert space is not sp.GENERIC, f"rule {rule!r} has no registered search space"
+        opt = ng.optimizers.registry["RandomSearch"](space.parametrization(seed=2), budget=20)
+        built = 0
+        for _ in range(20):
+            d = trial_config(StudyConfig(rule=rule, model=model), space, opt.ask().value, seed=0)
+            try:
+                check_proposal(d, (1, 28, 28), 10)
+                built += 1
+            except ConfigError as err:
+                assert rule == "segregated" and "noisy_symmetric" in str(err), (rule, err)
+        assert built >= 10, (rule, built)
+    assert sp.default_space("fa", "cnn").name == "cnn-t19"
+
+
+def test_segregated_space_and_rule_defaults_in_trial_configs():
+    seg = sp.default_space("segregated", "segregated")
+    assert seg.name == "segregated-t19" and len(seg.dims) == 22
+    flags = [k for k, d in seg.dims.items() if isinstance(d, sp.Choice)]
+    assert len(flags) == 11  # T19's eleven binary flags
+    cfg = StudyConfig(rule="segregated", model="segregated")
+    # a space that does not fix the optimiser gets the rule's run defaults (plain SGD, the
+    # paper's per-layer rates rescaled for the batch) ...
+    d = trial_config(cfg, sp.GENERIC, {"lr": 0.1, "batch_size": 16}, seed=0)
+    assert d["optimizer"] == "sgd" and d["lr"] == 0.1 and d["batch_size"] == 16
+    assert d.get("layer_lrs") is None  # a searched lr applies to every layer
+    d = trial_config(StudyConfig(rule="segregated", model="segregated",
+                                 fixed={"batch_size": 32}), sp.SearchSpace(
+        "seg-bs-only", {"model_options.g_B": sp.Uniform(0.3, 0.9)}), {"model_options.g_B": 0.6},
+        seed=0)
+    assert d["optimizer"] == "sgd" and len(d["layer_lrs"]) == 2
+    # ... and rules without run defaults are untouched
+    d = trial_config(StudyConfig(rule="fa", model="mlp"), sp.GENERIC,
+                     {"lr": 0.01, "batch_size": 64}, seed=0)
+    assert "optimizer" not in d and "layer_lrs" not in d
+
+
 def test_unknown_rule_gets_the_generic_space_and_registration_rules():
     assert sp.default_space("no-such-rule", "mlp") is sp.GENERIC
     assert set(sp.GENERIC.dims) == {"lr", "batch_size"}
@@ -479,10 +525,15 @@ def test_every_registered_rule_runs_a_study_from_the_command_line(tmp_path, real
         cls = rules.get(rule)
         model = "mlp" if cls.supported_models is None or "mlp" in cls.supported_models \
             else cls.supported_models[0]
+        # segregated dendrites in spiking mode test 10,000 images for ~75 steps each: the
+        # suite runs its study in rate mode on the generic space (its T19 space is checked by
+        # test_every_registered_rule_has_a_space_whose_proposals_build)
+        extra = (["--space", "generic", "--set", "model_options.mode=rate",
+                  "--set", "model_options.hidden=[64]"] if rule == "segregated" else [])
         code = main(["study", "run", "--rule", rule, "--model", model, "--budget", "1",
                      "--epochs", "1", "--folds", "2", "--train-subset", "400", "--top-k", "1",
                      "--test-seeds", "1", "--db", str(tmp_path / "all.db"), "--data-dir",
-                     str(real_data_root), "--offline", "--threads", "1"])
+                     str(real_data_root), "--offline", "--threads", "1", *extra])
         assert code == 0, rule
     with StudyStore(tmp_path / "all.db", create=False) as store:
         for rule in rules.names():

@@ -203,15 +203,27 @@ def heldout_seed(cfg: StudyConfig, index: int) -> int:
 def trial_config(cfg: StudyConfig, space: sp.SearchSpace, flat: dict[str, Any],
                  seed: int) -> dict[str, Any]:
     """The run config (as a dict) of one trial: study settings, the space's fixed settings,
-    the study's ``fixed`` settings, then the searched values."""
+    the study's ``fixed`` settings, then the searched values; the rule's run defaults
+    (:meth:`bpdl.rules.Learner.run_defaults`) fill the fields none of these set."""
     base: dict[str, Any] = {
         "dataset": cfg.dataset, "model": cfg.model, "rule": cfg.rule, "epochs": cfg.epochs,
         "seed": seed, "test": "never", "val_size": 0,
         # studies score folds; train-subset and alignment probes would only cost time
         "train_eval_size": 0, "probe_size": 0}
+    decoded = space.decode(flat)
     d = sp.deep_merge(base, space.fixed)
     d = sp.deep_merge(d, cfg.fixed)
-    return sp.deep_merge(d, space.decode(flat))
+    d = sp.deep_merge(d, decoded)
+    # what the rule needs by default (segregated dendrites: plain SGD with the paper's per-layer
+    # rates) for every field neither the space nor the study set, as `bpdl train` does
+    explicit = {path.split(".")[0] for source in (space.fixed, cfg.fixed, decoded)
+                for path in sp.flatten_paths(source)}
+    from bpdl import rules
+
+    if cfg.rule in rules.RULES:
+        defaults = rules.get(cfg.rule).run_defaults(dict(d, _explicit=sorted(explicit)))
+        d.update({k: v for k, v in defaults.items() if k not in explicit})
+    return d
 
 
 def check_proposal(config: dict[str, Any], shape: tuple[int, int, int], classes: int) -> None:

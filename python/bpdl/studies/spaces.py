@@ -42,7 +42,7 @@ from bpdl.registry import Registry
 
 __all__ = [
     "Dimension", "LogUniform", "Uniform", "IntRange", "Choice", "IntList", "SearchSpace",
-    "SPACES", "GENERIC", "MLP_T19", "CNN_T19", "register_space", "set_default_space",
+    "SPACES", "GENERIC", "MLP_T19", "CNN_T19", "SEGREGATED_T19", "register_space", "set_default_space",
     "default_space", "get_space", "space_from_dict", "space_from_file",
 ]
 
@@ -532,3 +532,50 @@ CNN_T19 = register_space(SearchSpace(
     description="T19 CNN: Adam lr 1e-4..0.05, batch 50..500, 1..5 blocks of 3..64 channels, "
                 "kernel 2..10 per block, stride and padding 1..3"),
     rule="bp", model="cnn")
+
+#: The feedback-alignment family on T19's backprop spaces, so that a study of ``fa`` and one of
+#: ``bp`` search the same box and compare like with like.
+for _rule in ("fa", "dfa", "usf", "brsf", "frsf", "kp", "wm"):
+    set_default_space(_rule, "mlp", "mlp-t19")
+    set_default_space(_rule, "cnn", "cnn-t19")
+
+#: T19's "comp" space for segregated dendrites (ALGORITHMS.md 7.9): the eleven binary flags of
+#: 5.11, phase and test lengths, lambda_max, tau_s, tau_L, g_B, E_E, E_I, one learning rate for
+#: every layer (0.01-0.5) and 1-6 hidden layers of 30-500 units. Differences from T19, each
+#: deliberate: one lane per update (batch 1, so the searched rate is the paper's per-example
+#: rate, as T19 ran it); phases from 20 steps, not 2 (bpdl rejects phases shorter than the
+#: 20-step averaging window, which T19's code silently averaged over fewer steps); no dt
+#: (bpdl's time step is the paper's) and no g_A (T19 notes its code ignored it; the
+#: ``apical_conductance`` flag sets it). Proposals the network rejects (noisy symmetric
+#: without symmetric weights, about a quarter of random draws) are recorded as rejected and
+#: told to the optimiser; they do not use up the budget.
+SEGREGATED_T19 = register_space(SearchSpace(
+    "segregated-t19",
+    {"model_options.random_phase_lengths": Choice((False, True)),
+     "model_options.random_plateaus": Choice((False, True)),
+     "model_options.conductances": Choice((False, True)),
+     "model_options.broadcast": Choice((False, True)),
+     "model_options.spiking_feedback": Choice((False, True)),
+     "model_options.spiking_feedforward": Choice((False, True)),
+     "model_options.symmetric_weights": Choice((False, True)),
+     "model_options.noisy_symmetric": Choice((False, True)),
+     "model_options.sparse_feedback": Choice((False, True)),
+     "model_options.apical_conductance": Choice((False, True)),
+     "model_options.weight_optimization": Choice((False, True)),
+     "model_options.forward_steps": IntRange(20, 50),
+     "model_options.target_steps": IntRange(20, 50),
+     "model_options.test_steps": IntRange(50, 100),
+     "model_options.lambda_max": Uniform(0.2, 0.5),
+     "model_options.tau_s": Uniform(1.0, 5.0),
+     "model_options.tau_L": Uniform(7.0, 13.0),
+     "model_options.g_B": Uniform(0.3, 0.9),
+     "model_options.E_E": Uniform(5.0, 12.0),
+     "model_options.E_I": Uniform(-12.0, -5.0),
+     "lr": LogUniform(0.01, 0.5),
+     "model_options.hidden": IntList(30, 500, length=(1, 6), log=True)},
+    version=1,
+    fixed={"optimizer": "sgd", "batch_size": 1},
+    description="T19 comp: 11 flags, phases 20..50 and test 50..100 steps, lambda_max, tau_s, "
+                "tau_L, g_B, E_E, E_I, SGD lr 0.01..0.5 per example (batch 1), 1..6 layers of "
+                "30..500 units"),
+    rule="segregated", model="segregated")
