@@ -539,6 +539,25 @@ def test_reproduce_command_runs_and_tabulates(tmp_path, real_data_root, capsys):
     assert main(["reproduce", "nonexistent", "--out", str(tmp_path / "x")]) == 2
 
 
+def test_reproduce_folder_written_from_another_directory_resumes(tmp_path, real_data_root,
+                                                                 monkeypatch):
+    """results.json written with a relative --out in one working directory; the same folder
+    extended from another directory (absolute path) still finds every run for its figures."""
+    from bpdl.cli import main
+
+    args = ["--epochs", "1", "--max-examples", "500", "--data-dir", str(real_data_root),
+            "--offline", "--no-progress", "--threads", "1"]
+    monkeypatch.chdir(tmp_path)
+    assert main(["reproduce", "meulemans2021_dfa", "--entries", "bp", "--out", "rel", *args]) == 0
+    monkeypatch.chdir(real_data_root.parent)
+    out = tmp_path / "rel"
+    assert main(["reproduce", "meulemans2021_dfa", "--entries", "dfa", "--out", str(out),
+                 *args]) == 0
+    table = (out / "results.md").read_text()
+    assert "| bp |" in table and "| dfa |" in table
+    assert (out / "learning_curves.png").stat().st_mtime >= (out / "dfa").stat().st_mtime
+
+
 def test_alignment_plot_marks_the_unused_feedback():
     from bpdl.plots import plot_alignment
 

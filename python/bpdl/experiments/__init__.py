@@ -180,7 +180,9 @@ def _figures(out: Path, rows: list[dict[str, Any]]) -> None:
     from bpdl.errors import RunDirError
     from bpdl.plots import plot_alignment, plot_learning_curves
 
-    dirs = [r["run_dir"] for r in rows]
+    # each run lives in OUT/<label>; the stored run_dir may be relative to another working
+    # directory (the folder was written from elsewhere, or moved)
+    dirs = [out / r["label"] for r in rows]
     labels = [r["label"] for r in rows]
     if not dirs:
         return
