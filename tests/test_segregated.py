@@ -310,6 +310,26 @@ def test_batch_learning_rates():
                                                  "_explicit": []})
     assert defaults["optimizer"] == "sgd" and len(defaults["layer_lrs"]) == 3
     assert "layer_lrs" not in SegregatedDendrites.run_defaults({"_explicit": ["lr"]})
+    rate = batch_layer_lrs(1, 32, mode="rate")
+    assert rate[0] == pytest.approx(0.21) and rate[1] == pytest.approx(0.21 * 1.5 / 32)
+    defaults = SegregatedDendrites.run_defaults({"model_options": {"mode": "rate"},
+                                                 "_explicit": []})
+    assert defaults["layer_lrs"] == pytest.approx(list(rate))
+
+
+def test_rate_mode_learns_with_the_command_line_defaults(tmp_path, real_data_root):
+    """``bpdl train --rule segregated --model-opt mode=rate`` with nothing else set learns
+    (the batch-rescaled output rate of spiking mode saturates the rate-mode output)."""
+    from bpdl.cli import main
+
+    out = tmp_path / "rate"
+    rc = main(["train", "--rule", "segregated", "--model", "segregated", "--dataset", "mnist",
+               "--data-dir", str(real_data_root), "--offline", "--max-examples", "6400",
+               "--val-size", "1000", "--model-opt", "mode=rate", "--test", "never",
+               "--eval-every", "6400", "--no-progress", "--out", str(out), "--threads", "1"])
+    assert rc == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["val_acc"] > 0.6, summary["val_acc"]
 
 
 # ---- training on MNIST through the shared loop, and the command line ---------------------------------
