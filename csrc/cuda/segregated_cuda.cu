@@ -797,21 +797,8 @@ at::Tensor layer_step_cuda(const at::Tensor& W, const at::Tensor& b,
   const at::Tensor step = step_.contiguous();
   const at::Tensor lane_key = lane_key_.contiguous();
   const at::Tensor accumulate = accumulate_.to(at::kBool).contiguous();
-  const at::Tensor kap = kappa.to(C.scalar_type());
-  auto psp_of = [&](const at::Tensor& r, int delay) {
-    const int64_t T_ = r.size(1);
-    const at::Tensor k_idx = at::arange(1, T_ + 1, step.options());
-    const at::Tensor slots = at::remainder(step.unsqueeze(1) - (k_idx - 1 + delay).unsqueeze(0), T_);
-    const at::Tensor taps_v = at::gather(r, 1, slots.unsqueeze(2).expand({-1, -1, r.size(2)}));
-    return at::einsum("btn,t->bn", {taps_v.to(C.scalar_type()), kap});
-  };
-  const at::Tensor p = ff.scalar_type() == at::kChar ? psp_of(ff, 0) : ff.to(C.scalar_type());
-  const at::Tensor basal = at::addmm(b, p, W.t()).contiguous();
-  at::Tensor q, apical;
-  if (hidden) {
-    q = fb->scalar_type() == at::kChar ? psp_of(*fb, 1) : fb->to(C.scalar_type());
-    apical = (c.has_value() ? at::addmm(*c, q, Y->t()) : at::mm(q, Y->t())).contiguous();
-  }
+  const LayerStepInputs in = layer_step_inputs(W, b, Y, c, ff, fb, kappa, step, C.scalar_type());
+  const at::Tensor &p = in.p, &basal = in.basal, &q = in.q, &apical = in.apical;
   const at::Tensor w_acc = accumulate.to(C.scalar_type()).unsqueeze(1);
   psp_sum.add_(p * w_acc);
   if (hidden && fb_sum.numel()) fb_sum.add_(q * w_acc);

@@ -315,5 +315,37 @@ inline void check_plasticity_args(int64_t kind, const at::Tensor& C_f, const at:
   }
 }
 
+// The device-independent part of one layer step (ATen ops, so it runs wherever the state
+// lives): the feedforward PSP (or rates) p, the basal potentials W p + b and, for a hidden
+// layer, the feedback PSP (or rates) q and the apical potentials Y q (+ c), all contiguous.
+// Spike-count rings (int8) are filtered with kappa; delay 1 reads the previous step's spikes.
+struct LayerStepInputs {
+  at::Tensor p, basal, q, apical;
+};
+
+inline LayerStepInputs layer_step_inputs(const at::Tensor& W, const at::Tensor& b,
+                                         const std::optional<at::Tensor>& Y,
+                                         const std::optional<at::Tensor>& c, const at::Tensor& ff,
+                                         const std::optional<at::Tensor>& fb,
+                                         const at::Tensor& kappa, const at::Tensor& step,
+                                         at::ScalarType dtype) {
+  const at::Tensor kap = kappa.to(dtype);
+  auto psp_of = [&](const at::Tensor& r, int delay) {
+    const int64_t T_ = r.size(1);
+    const at::Tensor k_idx = at::arange(1, T_ + 1, step.options());
+    const at::Tensor slots = at::remainder(step.unsqueeze(1) - (k_idx - 1 + delay).unsqueeze(0), T_);
+    const at::Tensor taps_v = at::gather(r, 1, slots.unsqueeze(2).expand({-1, -1, r.size(2)}));
+    return at::einsum("btn,t->bn", {taps_v.to(dtype), kap});
+  };
+  LayerStepInputs in;
+  in.p = (ff.scalar_type() == at::kChar ? psp_of(ff, 0) : ff.to(dtype)).contiguous();
+  in.basal = at::addmm(b, in.p, W.t()).contiguous();
+  if (Y.has_value()) {
+    in.q = (fb->scalar_type() == at::kChar ? psp_of(*fb, 1) : fb->to(dtype)).contiguous();
+    in.apical = (c.has_value() ? at::addmm(*c, in.q, Y->t()) : at::mm(in.q, Y->t())).contiguous();
+  }
+  return in;
+}
+
 }  // namespace seg
 }  // namespace bpdl
