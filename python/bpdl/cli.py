@@ -153,22 +153,11 @@ def _config_from_args(args: argparse.Namespace, base: dict[str, Any] | None = No
     opt_opts = dict(d.get("optimizer_options", {}))
     opt_opts.update(_key_values(args.opt, "--opt"))
     d["optimizer_options"] = opt_opts
-    return RunConfig.from_dict(_with_rule_defaults(d, explicit))
-
-
-def _with_rule_defaults(d: dict[str, Any], explicit: set[str]) -> dict[str, Any]:
-    """Fill the fields the user did not set with the rule's run defaults (e.g. plain SGD with
-    the paper's per-layer rates for segregated dendrites)."""
     from bpdl import rules
 
-    name = d.get("rule", "bp")
-    if name not in rules.RULES:
-        return d  # RunConfig validation reports the unknown name
-    out = dict(d)
-    for key, value in rules.get(name).run_defaults(dict(d, _explicit=sorted(explicit))).items():
-        if key not in explicit:
-            out[key] = value
-    return out
+    # the rule's run defaults (e.g. plain SGD with the paper's per-layer rates for segregated
+    # dendrites) for every field the user did not set
+    return RunConfig.from_dict(rules.with_run_defaults(d, explicit))
 
 
 def _download(args: argparse.Namespace) -> bool:

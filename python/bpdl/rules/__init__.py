@@ -55,5 +55,22 @@ def build(name: str, model: nn.Module, options: dict[str, Any] | Any | None = No
     return cls(model, cfg)
 
 
+def with_run_defaults(config: dict[str, Any], explicit: set[str] | frozenset[str]
+                      ) -> dict[str, Any]:
+    """``config`` (a run-config dict) with the rule's run defaults
+    (:meth:`Learner.run_defaults`, e.g. plain SGD with the paper's per-layer rates for segregated
+    dendrites) filled into every top-level field not in ``explicit`` (the fields the user, a
+    search space or a study set). An unknown rule is left for the run config to report."""
+    name = config.get("rule", "bp")
+    if name not in RULES:
+        return dict(config)
+    out = dict(config)
+    for key, value in get(name).run_defaults(dict(config, _explicit=sorted(explicit))).items():
+        if key not in explicit:
+            out[key] = value
+    return out
+
+
 __all__ = ["Learner", "LearnerProtocol", "RULES", "angle_degrees", "build", "get", "names",
+           "with_run_defaults",
            "rule_config"]

@@ -214,16 +214,13 @@ def trial_config(cfg: StudyConfig, space: sp.SearchSpace, flat: dict[str, Any],
     d = sp.deep_merge(base, space.fixed)
     d = sp.deep_merge(d, cfg.fixed)
     d = sp.deep_merge(d, decoded)
-    # what the rule needs by default (segregated dendrites: plain SGD with the paper's per-layer
-    # rates) for every field neither the space nor the study set, as `bpdl train` does
-    explicit = {path.split(".")[0] for source in (space.fixed, cfg.fixed, decoded)
-                for path in sp.flatten_paths(source)}
+    # the rule's run defaults for every field neither the space nor the study set, as
+    # `bpdl train` applies them
     from bpdl import rules
 
-    if cfg.rule in rules.RULES:
-        defaults = rules.get(cfg.rule).run_defaults(dict(d, _explicit=sorted(explicit)))
-        d.update({k: v for k, v in defaults.items() if k not in explicit})
-    return d
+    explicit = {path.split(".")[0] for source in (space.fixed, cfg.fixed, decoded)
+                for path in sp.flatten_paths(source)}
+    return rules.with_run_defaults(d, explicit)
 
 
 def check_proposal(config: dict[str, Any], shape: tuple[int, int, int], classes: int) -> None:

@@ -543,8 +543,8 @@ for _rule in ("fa", "dfa", "usf", "brsf", "frsf", "kp", "wm"):
 #: 5.11, phase and test lengths, lambda_max, tau_s, tau_L, g_B, E_E, E_I, one learning rate for
 #: every layer (0.01-0.5) and 1-6 hidden layers of 30-500 units. Differences from T19, each
 #: deliberate: one lane per update (batch 1, so the searched rate is the paper's per-example
-#: rate, as T19 ran it); phases from 20 steps, not 2 (bpdl rejects phases shorter than the
-#: 20-step averaging window, which T19's code silently averaged over fewer steps); no dt
+#: rate, as T19 ran it); phases from 20 steps, not 2 (bpdl rejects phases shorter than its
+#: 20-step averaging window); no dt
 #: (bpdl's time step is the paper's) and no g_A (T19 notes its code ignored it; the
 #: ``apical_conductance`` flag sets it). Proposals the network rejects (noisy symmetric
 #: without symmetric weights, about a quarter of random draws) are recorded as rejected and
