@@ -317,13 +317,22 @@ def test_batch_learning_rates():
     assert defaults["layer_lrs"] == pytest.approx(list(rate))
 
 
+def test_rule_picks_its_own_model_unless_one_is_given():
+    from bpdl import rules
+
+    assert rules.with_run_defaults({"rule": "segregated"}, set())["model"] == "segregated"
+    given = rules.with_run_defaults({"rule": "segregated", "model": "mlp"}, {"model"})
+    assert given["model"] == "mlp"  # the run config then refuses it with a clear message
+    assert rules.with_run_defaults({"rule": "fa"}, set()).get("model", "mlp") == "mlp"
+
+
 def test_rate_mode_learns_with_the_command_line_defaults(tmp_path, real_data_root):
     """``bpdl train --rule segregated --model-opt mode=rate`` with nothing else set learns
     (the batch-rescaled output rate of spiking mode saturates the rate-mode output)."""
     from bpdl.cli import main
 
     out = tmp_path / "rate"
-    rc = main(["train", "--rule", "segregated", "--model", "segregated", "--dataset", "mnist",
+    rc = main(["train", "--rule", "segregated", "--dataset", "mnist",
                "--data-dir", str(real_data_root), "--offline", "--max-examples", "6400",
                "--val-size", "1000", "--model-opt", "mode=rate", "--test", "never",
                "--eval-every", "6400", "--no-progress", "--out", str(out), "--threads", "1"])

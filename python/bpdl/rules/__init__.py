@@ -60,12 +60,19 @@ def with_run_defaults(config: dict[str, Any], explicit: set[str] | frozenset[str
     """``config`` (a run-config dict) with the rule's run defaults
     (:meth:`Learner.run_defaults`, e.g. plain SGD with the paper's per-layer rates for segregated
     dendrites) filled into every top-level field not in ``explicit`` (the fields the user, a
-    search space or a study set). An unknown rule is left for the run config to report."""
+    search space or a study set), and, when no model was set, the rule's own model if it
+    supports only some. An unknown rule is left for the run config to report."""
     name = config.get("rule", "bp")
     if name not in RULES:
         return dict(config)
+    cls = get(name)
     out = dict(config)
-    for key, value in get(name).run_defaults(dict(config, _explicit=sorted(explicit))).items():
+    # a rule that trains only its own networks gets its first one unless a model was asked for
+    # (`bpdl train --rule segregated` trains the segregated-dendrite network)
+    supported = cls.supported_models
+    if "model" not in explicit and supported and out.get("model", "mlp") not in supported:
+        out["model"] = supported[0]
+    for key, value in cls.run_defaults(dict(out, _explicit=sorted(explicit))).items():
         if key not in explicit:
             out[key] = value
     return out

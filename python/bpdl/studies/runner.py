@@ -218,8 +218,8 @@ def trial_config(cfg: StudyConfig, space: sp.SearchSpace, flat: dict[str, Any],
     # `bpdl train` applies them
     from bpdl import rules
 
-    explicit = {path.split(".")[0] for source in (space.fixed, cfg.fixed, decoded)
-                for path in sp.flatten_paths(source)}
+    explicit = {"model"} | {path.split(".")[0] for source in (space.fixed, cfg.fixed, decoded)
+                            for path in sp.flatten_paths(source)}
     return rules.with_run_defaults(d, explicit)
 
 
