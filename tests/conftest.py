@@ -94,3 +94,16 @@ def synthetic_data():
     from bpdl.data import synthetic_dataset
 
     return synthetic_dataset(200, shape=(1, 8, 8), classes=10, seed=0)
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """One torch thread for a module's tests (``pytestmark = pytest.mark.usefixtures(...)``):
+    tests that simulate many small steps avoid OpenMP barrier stalls when the machine is shared
+    (results do not depend on the thread count)."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

@@ -19,14 +19,8 @@ DEVICES = ["cpu", CUDA]
 TOL = {torch.float64: dict(rtol=1e-11, atol=1e-12), torch.float32: dict(rtol=2e-5, atol=2e-5)}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """These tests simulate many small steps: one thread avoids OpenMP barrier stalls when the
-    machine is shared (results do not depend on the thread count)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+# many small simulation steps: one torch thread (tests/conftest.py)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 # ---- constants and draws of the reference ------------------------------------------------------

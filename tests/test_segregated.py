@@ -26,15 +26,8 @@ from bpdl.rules.segregated import (
 )
 from bpdl.train import RunConfig, train
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """These tests simulate many small steps: one thread avoids OpenMP barrier stalls when the
-    machine is shared (results do not depend on the thread count)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+# many small simulation steps: one torch thread (tests/conftest.py)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")
