@@ -29,7 +29,7 @@ def test_sign_feedback_by_hand(device, dtype):
 
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-@pytest.mark.parametrize("numel", [1, 7, 4096 + 3])
+@pytest.mark.parametrize("numel", [1, 7, 65, 4096 + 3])
 def test_sign_random_feedback_matches_reference(device, dtype, numel):
     g = torch.Generator().manual_seed(numel)
     w = torch.randn(numel, generator=g, dtype=dtype)
@@ -43,6 +43,23 @@ def test_sign_random_feedback_matches_reference(device, dtype, numel):
         half = ops.sign_random_feedback(w, seed, stream, step, "half_normal", 0.3)
         torch.testing.assert_close(half.cpu(), F.sign_random_feedback(
             w.cpu(), seed, stream, step, "half_normal", 0.3), rtol=1e-5, atol=1e-6)
+
+
+def test_sign_random_feedback_same_numbers_across_threads():
+    """The CPU kernel splits the groups of four among threads at boundaries that are not
+    multiples of its 16-block vector batches: the numbers must not depend on the split."""
+    numel = 4 * (2 * 8192 + 5) + 2
+    w = torch.randn(numel, generator=torch.Generator().manual_seed(1))
+    w[::9] = 0.0
+    w[1::9] = -0.0
+    ref = F.sign_random_feedback(w, 11, 2, 5, "uniform", 0.7)
+    before = torch.get_num_threads()
+    try:
+        for threads in (1, 2):
+            torch.set_num_threads(threads)
+            assert torch.equal(ops.sign_random_feedback(w, 11, 2, 5, "uniform", 0.7), ref)
+    finally:
+        torch.set_num_threads(before)
 
 
 def test_sign_random_magnitudes_follow_the_initialiser():

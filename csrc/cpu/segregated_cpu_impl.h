@@ -27,55 +27,7 @@ using namespace ::bpdl::seg;  // parameter and flag indices
 // ---- Philox blocks for consecutive spike groups ------------------------------------------------
 
 #if defined(BPDL_SEG_IMPL_AVX2)
-inline void mulhilo8(__m256i m, __m256i c, __m256i* hi, __m256i* lo) {
-  const __m256i even = _mm256_mul_epu32(c, m);
-  const __m256i odd = _mm256_mul_epu32(_mm256_srli_epi64(c, 32), m);
-  *lo = _mm256_blend_epi32(even, _mm256_slli_epi64(odd, 32), 0xAA);
-  *hi = _mm256_blend_epi32(_mm256_srli_epi64(even, 32), odd, 0xAA);
-}
-#endif
-
-#if defined(BPDL_SEG_IMPL_AVX2)
-// Ten Philox rounds on two independent sets of eight blocks (interleaved to hide the multiply
-// latency), then a 4x8 transpose so that out[4 i + w] is word w of block i.
-inline void philox16(__m256i a0, __m256i a1, __m256i b0, __m256i b1, uint32_t step,
-                     uint32_t stream, uint64_t seed, uint32_t* out) {
-  const __m256i m0 = _mm256_set1_epi64x(0xD2511F53u), m1 = _mm256_set1_epi64x(0xCD9E8D57u);
-  __m256i a2 = _mm256_set1_epi32(static_cast<int>(step)), a3 = _mm256_set1_epi32(static_cast<int>(stream));
-  __m256i b2 = a2, b3 = a3;
-  uint32_t k0 = static_cast<uint32_t>(seed), k1 = static_cast<uint32_t>(seed >> 32);
-  for (int round = 0; round < 10; ++round) {
-    __m256i ahi0, alo0, ahi1, alo1, bhi0, blo0, bhi1, blo1;
-    mulhilo8(m0, a0, &ahi0, &alo0);
-    mulhilo8(m0, b0, &bhi0, &blo0);
-    mulhilo8(m1, a2, &ahi1, &alo1);
-    mulhilo8(m1, b2, &bhi1, &blo1);
-    const __m256i K0 = _mm256_set1_epi32(static_cast<int>(k0));
-    const __m256i K1 = _mm256_set1_epi32(static_cast<int>(k1));
-    a0 = _mm256_xor_si256(_mm256_xor_si256(ahi1, a1), K0);
-    b0 = _mm256_xor_si256(_mm256_xor_si256(bhi1, b1), K0);
-    a2 = _mm256_xor_si256(_mm256_xor_si256(ahi0, a3), K1);
-    b2 = _mm256_xor_si256(_mm256_xor_si256(bhi0, b3), K1);
-    a1 = alo1;
-    b1 = blo1;
-    a3 = alo0;
-    b3 = blo0;
-    k0 += 0x9E3779B9u;
-    k1 += 0xBB67AE85u;
-  }
-  auto transpose_store = [](__m256i c0, __m256i c1, __m256i c2, __m256i c3, uint32_t* o) {
-    const __m256i t0 = _mm256_unpacklo_epi32(c0, c1), t1 = _mm256_unpacklo_epi32(c2, c3);
-    const __m256i t2 = _mm256_unpackhi_epi32(c0, c1), t3 = _mm256_unpackhi_epi32(c2, c3);
-    const __m256i r0 = _mm256_unpacklo_epi64(t0, t1), r1 = _mm256_unpackhi_epi64(t0, t1);
-    const __m256i r2 = _mm256_unpacklo_epi64(t2, t3), r3 = _mm256_unpackhi_epi64(t2, t3);
-    _mm256_storeu_si256(reinterpret_cast<__m256i*>(o), _mm256_permute2x128_si256(r0, r1, 0x20));
-    _mm256_storeu_si256(reinterpret_cast<__m256i*>(o + 8), _mm256_permute2x128_si256(r2, r3, 0x20));
-    _mm256_storeu_si256(reinterpret_cast<__m256i*>(o + 16), _mm256_permute2x128_si256(r0, r1, 0x31));
-    _mm256_storeu_si256(reinterpret_cast<__m256i*>(o + 24), _mm256_permute2x128_si256(r2, r3, 0x31));
-  };
-  transpose_store(a0, a1, a2, a3, out);
-  transpose_store(b0, b1, b2, b3, out + 32);
-}
+#include "bpdl/philox_avx2.inc"
 #endif
 
 // out[4 i + w] = word w of the Philox block of group `groups[i]` (or g0 + i when groups is null).
