@@ -141,34 +141,44 @@ std::vector<at::Tensor> contiguous_all(at::TensorList list) {
   return out;
 }
 
-// W^T as a contiguous (in, out) matrix, so that the event-driven basal input reads W's columns
-// as rows. A 32x32-tiled copy: ATen's strided copy of w.t() is several times slower, and this
-// runs once per minibatch on the largest matrix.
-at::Tensor transposed(const at::Tensor& w) {
-  const at::Tensor src = w.contiguous();
-  const int64_t rows = src.size(0), cols = src.size(1);
-  at::Tensor out = at::empty({cols, rows}, src.options());
-  AT_DISPATCH_FLOATING_TYPES(src.scalar_type(), "segregated_transpose", [&] {
-    const scalar_t* a = src.const_data_ptr<scalar_t>();
-    scalar_t* o = out.mutable_data_ptr<scalar_t>();
-    constexpr int64_t kTile = 32;
-    at::parallel_for(0, (rows + kTile - 1) / kTile, 1, [&](int64_t lo, int64_t hi) {
-      for (int64_t bi = lo; bi < hi; ++bi) {
-        const int64_t i0 = bi * kTile, i1 = std::min(rows, i0 + kTile);
-        for (int64_t j0 = 0; j0 < cols; j0 += kTile) {
-          const int64_t j1 = std::min(cols, j0 + kTile);
-          for (int64_t i = i0; i < i1; ++i)
-            for (int64_t j = j0; j < j1; ++j) o[j * rows + i] = a[i * cols + j];
-        }
-      }
-    });
-  });
-  return out;
-}
-
+// W^T as contiguous (in, out) matrices, so that the event-driven basal input reads W's columns
+// as rows. Runs once per minibatch on the largest matrices, so two things matter: a 32x32-tiled
+// copy whose inner loop writes contiguously (ATen's strided copy of w.t() is several times
+// slower), and a destination that is not a fresh allocation each time: the pages of a new
+// megabyte-sized buffer cost more to fault in than the copy itself. The transposes therefore
+// live in a workspace owned by the calling thread and reused by its next call; the returned
+// tensors are views of it, valid until that thread's next call (they never leave the op).
 std::vector<at::Tensor> transposed_all(const std::vector<at::Tensor>& W) {
+  thread_local std::vector<double> workspace;  // doubles: 8-byte alignment for every dtype
+  std::vector<int64_t> offsets;
+  int64_t total = 0;  // in doubles
+  for (const auto& w : W) {
+    offsets.push_back(total);
+    total += (w.numel() * static_cast<int64_t>(w.element_size()) + 63) / 8 / 8 * 8 + 8;
+  }
+  if (static_cast<int64_t>(workspace.size()) < total) workspace.resize(total);
   std::vector<at::Tensor> out;
-  for (const auto& w : W) out.push_back(transposed(w));
+  for (size_t k = 0; k < W.size(); ++k) {
+    const at::Tensor src = W[k].contiguous();
+    const int64_t rows = src.size(0), cols = src.size(1);
+    at::Tensor dst = at::from_blob(workspace.data() + offsets[k], {cols, rows}, src.options());
+    AT_DISPATCH_FLOATING_TYPES(src.scalar_type(), "segregated_transpose", [&] {
+      const scalar_t* a = src.const_data_ptr<scalar_t>();
+      scalar_t* o = dst.mutable_data_ptr<scalar_t>();
+      constexpr int64_t kTile = 32;
+      at::parallel_for(0, (cols + kTile - 1) / kTile, 1, [&](int64_t lo, int64_t hi) {
+        for (int64_t bj = lo; bj < hi; ++bj) {
+          const int64_t j0 = bj * kTile, j1 = std::min(cols, j0 + kTile);
+          for (int64_t i0 = 0; i0 < rows; i0 += kTile) {
+            const int64_t i1 = std::min(rows, i0 + kTile);
+            for (int64_t j = j0; j < j1; ++j)
+              for (int64_t i = i0; i < i1; ++i) o[j * rows + i] = a[i * cols + j];
+          }
+        }
+      });
+    });
+    out.push_back(dst);
+  }
   return out;
 }
 
