@@ -23,14 +23,17 @@ register(Experiment(
         "784-1000-10 with logistic hidden and output units, squared error summed over the 10 "
         "outputs, plain SGD, weight decay; inputs pixels/255. L16 used eta = 1e-3 with weight "
         "decay 1e-6 and n = 20 runs; its batch size and epoch count are not stated [unverified]. "
-        "bpdl: minibatch 100 with the minibatch-mean loss, lr 0.1 (a per-example step of "
-        "2 * 0.1 / 100 = 0.002 on the half squared error, near L16's 1e-3; larger rates drive "
-        "the logistic outputs into saturation), weight decay 1e-6 (the same decay per epoch as "
-        "L16's), Xavier-uniform W and B (L16 drew both from U[-b, b] with b found by hand), "
-        "5,000 training images held out for validation, one seed."),
+        "bpdl: minibatch 10 with the minibatch-mean loss, lr 0.1 (a per-example step of "
+        "2 * 0.1 / 10 = 0.02 on the half squared error). The logistic outputs make the rate a "
+        "knife edge: after 3 epochs BP reaches 86.3 % validation accuracy with minibatch 100 at "
+        "lr 0.1 (6.5 % test error after 60 epochs) and 90.6 % with minibatch 10 at lr 0.1, while "
+        "minibatch 10 at lr 0.3 (BP) or 0.2 (FA) drives every output to zero, where the "
+        "logistic derivative stalls learning. Weight decay 1e-6 (negligible either way), "
+        "Xavier-uniform W and B (L16 drew both from U[-b, b] with b found by hand), 5,000 "
+        "training images held out for validation, one seed."),
     common={"dataset": "mnist", "model": "mlp", "model_options": _L16_MODEL,
             "optimizer": "sgd", "lr": 0.1, "optimizer_options": {"weight_decay": 1e-6},
-            "batch_size": 100, "epochs": 100, "val_size": 5000, "test": "every",
+            "batch_size": 10, "epochs": 100, "val_size": 5000, "test": "every",
             "probe_size": 512, "seed": 0},
     runs=(
         ExperimentRun("bp", {"rule": "bp", "rule_options": {"loss": "mse"}}, 2.4),
