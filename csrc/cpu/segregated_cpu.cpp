@@ -22,10 +22,7 @@
 #include "bpdl/segregated.h"
 #include "bpdl/segregated_checks.h"
 
-#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
-#include <immintrin.h>
-#define BPDL_SEG_HAVE_AVX2_BUILD 1
-#endif
+#include "bpdl/cpu_avx2.h"
 
 namespace bpdl {
 namespace {
@@ -67,7 +64,7 @@ namespace {
 }  // namespace bpdl
 #pragma GCC pop_options
 
-#if defined(BPDL_SEG_HAVE_AVX2_BUILD)
+#if defined(BPDL_HAVE_AVX2_BUILD)
 #pragma GCC push_options
 #pragma GCC target("avx2,fma")
 #pragma GCC optimize("no-trapping-math")
@@ -85,15 +82,6 @@ namespace {
 
 namespace bpdl {
 namespace {
-
-bool use_avx2() {
-#if defined(BPDL_SEG_HAVE_AVX2_BUILD)
-  static const bool ok = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
-  return ok;
-#else
-  return false;
-#endif
-}
 
 // ---- building the shared view ---------------------------------------------------------------------
 
@@ -278,7 +266,7 @@ struct BaseImpl {
   }
 };
 
-#if defined(BPDL_SEG_HAVE_AVX2_BUILD)
+#if defined(BPDL_HAVE_AVX2_BUILD)
 struct Avx2Impl {
   template <typename T> using Scratch = impl_avx2::Scratch<T>;
   template <typename T> using LanePtrs = impl_avx2::LanePtrs<T>;
@@ -372,8 +360,8 @@ std::vector<at::Tensor> train_example_cpu(
     at::parallel_for(0, workers, 1, [&](int64_t, int64_t) {
       std::vector<int8_t*> rp = ring_p;
       std::vector<T*> cp = C_p, lp = lam_p, ap = A_p, op = out_p;
-#if defined(BPDL_SEG_HAVE_AVX2_BUILD)
-      if (use_avx2()) {
+#if defined(BPDL_HAVE_AVX2_BUILD)
+      if (cpu_has_avx2_fma()) {
         train_lanes<T, Avx2Impl>(net, next, B, x_p, t_p, B0const, in_ring_p, rp, cp, lp, ap,
                                  step_p, key_p, len_p, win_p, off_p, op);
         return;
@@ -454,8 +442,8 @@ at::Tensor test_cpu(at::TensorList W_, at::TensorList b_, at::TensorList Y_, at:
     std::atomic<int64_t> next{0};
     const int64_t workers = std::min<int64_t>(at::get_num_threads(), B);
     at::parallel_for(0, workers, 1, [&](int64_t, int64_t) {
-#if defined(BPDL_SEG_HAVE_AVX2_BUILD)
-      if (use_avx2()) {
+#if defined(BPDL_HAVE_AVX2_BUILD)
+      if (cpu_has_avx2_fma()) {
         test_lanes<T, Avx2Impl>(net, next, B, x_p, B0const, key_p, steps, window, out_p);
         return;
       }

@@ -12,10 +12,7 @@
 
 #include "bpdl/sign_feedback.h"
 
-#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
-#include <immintrin.h>
-#define BPDL_SF_HAVE_AVX2_BUILD 1
-#endif
+#include "bpdl/cpu_avx2.h"
 
 namespace bpdl {
 namespace {
@@ -118,7 +115,7 @@ void sign_random_groups_scalar(const scalar_t* wp, scalar_t* op, int64_t n, int6
 }  // namespace
 }  // namespace bpdl
 
-#if defined(BPDL_SF_HAVE_AVX2_BUILD)
+#if defined(BPDL_HAVE_AVX2_BUILD)
 #pragma GCC push_options
 #pragma GCC target("avx2,fma")
 namespace bpdl {
@@ -187,15 +184,6 @@ int64_t sign_random_groups(const scalar_t* wp, scalar_t* op, int64_t n, int64_t 
 namespace bpdl {
 namespace {
 
-bool use_avx2() {
-#if defined(BPDL_SF_HAVE_AVX2_BUILD)
-  static const bool ok = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
-  return ok;
-#else
-  return false;
-#endif
-}
-
 at::Tensor sign_random_feedback_cpu(const at::Tensor& weight, int64_t seed, int64_t stream,
                                     int64_t step, int64_t distribution, double scale) {
   check_sign_feedback_args(weight, nullptr, seed, stream, step, distribution, scale);
@@ -211,8 +199,8 @@ at::Tensor sign_random_feedback_cpu(const at::Tensor& weight, int64_t seed, int6
     scalar_t* op = out.mutable_data_ptr<scalar_t>();
     at::parallel_for(0, groups, 8192, [&](int64_t begin, int64_t end) {
       int64_t g = begin;
-#if defined(BPDL_SF_HAVE_AVX2_BUILD)
-      if (use_avx2())
+#if defined(BPDL_HAVE_AVX2_BUILD)
+      if (cpu_has_avx2_fma())
         g = avx2::sign_random_groups(wp, op, n, begin, end, useed, ustep, ustream, distribution,
                                      fscale);
 #endif
