@@ -356,18 +356,23 @@ def test_report_tables_and_figures(mlp_study, tmp_path, capsys):
     assert "Held-out test accuracy of the best configurations" in md
 
 
-def test_resume_continues_exactly_where_it_stopped(mlp_study, tmp_path, real_data_root):
-    """Interrupted after two trials, the resumed study proposes the same points as the
-    uninterrupted one (the optimizer comes back from its snapshot, RNG included)."""
-    cfg, full_db, _, _ = mlp_study
-    db = tmp_path / "interrupted.db"
+def _interrupt_after_two_trials(cfg, db, data_root) -> None:
+    """Run the study into ``db`` and interrupt it (Ctrl-C) as the third trial is logged."""
 
     def stop_after_two(line: str) -> None:
         if "] trial 2 " in line:
             raise KeyboardInterrupt
 
     with pytest.raises(KeyboardInterrupt):
-        _run(cfg, db, real_data_root, log=stop_after_two)
+        _run(cfg, db, data_root, log=stop_after_two)
+
+
+def test_resume_continues_exactly_where_it_stopped(mlp_study, tmp_path, real_data_root):
+    """Interrupted after two trials, the resumed study proposes the same points as the
+    uninterrupted one (the optimizer comes back from its snapshot, RNG included)."""
+    cfg, full_db, _, _ = mlp_study
+    db = tmp_path / "interrupted.db"
+    _interrupt_after_two_trials(cfg, db, real_data_root)
     with StudyStore(db, create=False) as store:
         assert [t["status"] for t in store.trials(cfg.study_name)] == ["completed"] * 2
         assert store.study(cfg.study_name)["owner"] is None  # released on the way out
@@ -383,13 +388,7 @@ def test_resume_continues_exactly_where_it_stopped(mlp_study, tmp_path, real_dat
 def test_resume_without_snapshot_replays_the_trial_log(mlp_study, tmp_path, real_data_root):
     cfg, _, _, _ = mlp_study
     db = tmp_path / "replay.db"
-
-    def stop_after_two(line: str) -> None:
-        if "] trial 2 " in line:
-            raise KeyboardInterrupt
-
-    with pytest.raises(KeyboardInterrupt):
-        _run(cfg, db, real_data_root, log=stop_after_two)
+    _interrupt_after_two_trials(cfg, db, real_data_root)
     with StudyStore(db, create=False) as store:
         first = store.trials(cfg.study_name)
         with store.transaction() as c:  # as if written by another Nevergrad version
