@@ -240,9 +240,10 @@ def _lc_call(impl: str, op: str, tensors):
     if op == "grad_weight":
         return lambda: lib.locally_connected2d_grad_weight(gy, x, k, s, p)
 
-    def layer():  # forward and backward through autograd
+    def layer():  # forward and backward through autograd; the layer's output counts as
+        # returned (a network needs it either way), not as workspace
         y = lib.locally_connected2d(x, w, None, s, p)
-        return torch.autograd.grad(y, (x, w), gy)
+        return (y.detach(), *torch.autograd.grad(y, (x, w), gy))
     return layer
 
 
