@@ -54,6 +54,14 @@ inline PatchWindow window(const LCGeometry& g, int64_t p) {
   return win;
 }
 
+// One channel's full KH x KW patch (KW known at compile time) from the input plane at origin.
+template <int KW, typename scalar_t>
+inline void copy_patch(scalar_t* __restrict__ dst, const scalar_t* __restrict__ origin,
+                       int64_t KH, int64_t W) {
+  for (int64_t u = 0; u < KH; ++u)
+    for (int v = 0; v < KW; ++v) dst[u * KW + v] = origin[u * W + v];
+}
+
 // patches[q, n - n0, (c*KH + u)*KW + v] = x[n, c, h0_q + u, w0_q + v] (0 outside the input) for
 // the nb locations p0 .. p0+nb-1. The loop visits each input plane once for the whole block
 // (neighbouring locations share most of their input rows), instead of once per location.
@@ -69,8 +77,18 @@ void gather_block(const scalar_t* x, scalar_t* patches, const LCGeometry& g,
       for (int64_t q = 0; q < nb; ++q) {
         const PatchWindow& win = wins[q];
         scalar_t* dst = patches + (q * rows + (n - n0)) * K + c * g.KH * g.KW;
+        const scalar_t* origin = plane + win.h0 * g.W + win.w0;
+        // full windows of the common kernel widths: fixed-length rows the compiler unrolls
+        if (win.full && g.KW == 3) {
+          copy_patch<3>(dst, origin, g.KH, g.W);
+          continue;
+        }
+        if (win.full && g.KW == 5) {
+          copy_patch<5>(dst, origin, g.KH, g.W);
+          continue;
+        }
         for (int64_t u = win.u0; u < win.u1; ++u) {
-          const scalar_t* src = plane + (win.h0 + u) * g.W + win.w0;
+          const scalar_t* src = origin + u * g.W;
           scalar_t* d = dst + u * g.KW;
           for (int64_t v = win.v0; v < win.v1; ++v) d[v] = src[v];
         }
