@@ -357,7 +357,8 @@ def test_report_tables_and_figures(mlp_study, tmp_path, capsys):
 
 
 def _interrupt_after_two_trials(cfg, db, data_root) -> None:
-    """Run the study into ``db`` and interrupt it (Ctrl-C) as the third trial is logged."""
+    """Run the study into ``db`` and interrupt it (Ctrl-C) when the log line of its
+    second trial appears, leaving two completed trials."""
 
     def stop_after_two(line: str) -> None:
         if "] trial 2 " in line:

@@ -79,12 +79,9 @@ void gather_block(const scalar_t* x, scalar_t* patches, const LCGeometry& g,
         scalar_t* dst = patches + (q * rows + (n - n0)) * K + c * g.KH * g.KW;
         const scalar_t* origin = plane + win.h0 * g.W + win.w0;
         // full windows of the common kernel widths: fixed-length rows the compiler unrolls
-        if (win.full && g.KW == 3) {
-          copy_patch<3>(dst, origin, g.KH, g.W);
-          continue;
-        }
-        if (win.full && g.KW == 5) {
-          copy_patch<5>(dst, origin, g.KH, g.W);
+        if (win.full && (g.KW == 3 || g.KW == 5)) {
+          if (g.KW == 3) copy_patch<3>(dst, origin, g.KH, g.W);
+          else copy_patch<5>(dst, origin, g.KH, g.W);
           continue;
         }
         for (int64_t u = win.u0; u < win.u1; ++u) {
