@@ -54,63 +54,96 @@ inline PatchWindow window(const LCGeometry& g, int64_t p) {
   return win;
 }
 
-// One channel's full KH x KW patch (KW known at compile time) from the input plane at origin.
-template <int KW, typename scalar_t>
-inline void copy_patch(scalar_t* __restrict__ dst, const scalar_t* __restrict__ origin,
-                       int64_t KH, int64_t W) {
-  for (int64_t u = 0; u < KH; ++u)
-    for (int v = 0; v < KW; ++v) dst[u * KW + v] = origin[u * W + v];
+// One location's patch of one example, all channels: dst[(c*KH + u)*KW + v] = xn[c, h0 + u, w0 + v],
+// 0 outside the input. KH_/KW_ > 0 fix a full window's size at compile time (the common 3x3 and
+// 5x5 kernels), so its rows are copied with fixed-length, unrolled loops.
+template <int KH_, int KW_, typename scalar_t>
+inline void gather_patch(scalar_t* __restrict__ dst, const scalar_t* __restrict__ xn,
+                         const LCGeometry& g, const PatchWindow& win) {
+  const int64_t KH = KH_ > 0 ? KH_ : g.KH, KW = KW_ > 0 ? KW_ : g.KW;
+  const int64_t kk = KH * KW, plane = g.H * g.W, W = g.W;
+  const scalar_t* origin = xn + win.h0 * W + win.w0;
+  if (win.full) {
+    for (int64_t c = 0; c < g.C; ++c, dst += kk, origin += plane)
+      for (int64_t u = 0; u < KH; ++u)
+        for (int64_t v = 0; v < KW; ++v) dst[u * KW + v] = origin[u * W + v];
+    return;
+  }
+  std::fill(dst, dst + g.C * kk, scalar_t(0));
+  for (int64_t c = 0; c < g.C; ++c, dst += kk, origin += plane)
+    for (int64_t u = win.u0; u < win.u1; ++u)
+      for (int64_t v = win.v0; v < win.v1; ++v) dst[u * KW + v] = origin[u * W + v];
+}
+
+// The adjoint of gather_patch: xn[c, h0 + u, w0 + v] += src[(c*KH + u)*KW + v] inside the input.
+template <int KH_, int KW_, typename scalar_t>
+inline void scatter_add_patch(scalar_t* __restrict__ xn, const scalar_t* __restrict__ src,
+                              const LCGeometry& g, const PatchWindow& win) {
+  const int64_t KH = KH_ > 0 ? KH_ : g.KH, KW = KW_ > 0 ? KW_ : g.KW;
+  const int64_t kk = KH * KW, plane = g.H * g.W, W = g.W;
+  scalar_t* origin = xn + win.h0 * W + win.w0;
+  if (win.full) {
+    for (int64_t c = 0; c < g.C; ++c, src += kk, origin += plane)
+      for (int64_t u = 0; u < KH; ++u)
+        for (int64_t v = 0; v < KW; ++v) origin[u * W + v] += src[u * KW + v];
+    return;
+  }
+  for (int64_t c = 0; c < g.C; ++c, src += kk, origin += plane)
+    for (int64_t u = win.u0; u < win.u1; ++u)
+      for (int64_t v = win.v0; v < win.v1; ++v) origin[u * W + v] += src[u * KW + v];
+}
+
+// Runs body.template operator()<KH, KW>() with the kernel size fixed at compile time where it is
+// 3x3 or 5x5, and with <0, 0> (sizes read at run time) otherwise.
+template <typename Body>
+inline void with_kernel_size(const LCGeometry& g, Body&& body) {
+  if (g.KH == 3 && g.KW == 3) body.template operator()<3, 3>();
+  else if (g.KH == 5 && g.KW == 5) body.template operator()<5, 5>();
+  else body.template operator()<0, 0>();
 }
 
 // patches[q, n - n0, (c*KH + u)*KW + v] = x[n, c, h0_q + u, w0_q + v] (0 outside the input) for
-// the nb locations p0 .. p0+nb-1. The loop visits each input plane once for the whole block
-// (neighbouring locations share most of their input rows), instead of once per location.
+// the nb locations p0 .. p0+nb-1 of examples n0 .. n1-1. Examples are outermost, so one
+// example's input (C*H*W values) stays in cache while all nb locations read it, and the channel
+// loop is innermost, so its trip count and window are the same for C iterations (a location's
+// window changes at the borders, and a loop over locations inside would mispredict there).
 template <typename scalar_t>
 void gather_block(const scalar_t* x, scalar_t* patches, const LCGeometry& g,
                   const PatchWindow* wins, int64_t nb, int64_t n0, int64_t n1) {
-  const int64_t K = g.K(), rows = n1 - n0, plane_size = g.H * g.W;
-  for (int64_t q = 0; q < nb; ++q)
-    if (!wins[q].full) std::fill(patches + q * rows * K, patches + (q + 1) * rows * K, scalar_t(0));
-  for (int64_t n = n0; n < n1; ++n) {
-    for (int64_t c = 0; c < g.C; ++c) {
-      const scalar_t* plane = x + (n * g.C + c) * plane_size;
-      for (int64_t q = 0; q < nb; ++q) {
-        const PatchWindow& win = wins[q];
-        scalar_t* dst = patches + (q * rows + (n - n0)) * K + c * g.KH * g.KW;
-        const scalar_t* origin = plane + win.h0 * g.W + win.w0;
-        // full windows of the common kernel widths: fixed-length rows the compiler unrolls
-        if (win.full && (g.KW == 3 || g.KW == 5)) {
-          if (g.KW == 3) copy_patch<3>(dst, origin, g.KH, g.W);
-          else copy_patch<5>(dst, origin, g.KH, g.W);
-          continue;
-        }
-        for (int64_t u = win.u0; u < win.u1; ++u) {
-          const scalar_t* src = origin + u * g.W;
-          scalar_t* d = dst + u * g.KW;
-          for (int64_t v = win.v0; v < win.v1; ++v) d[v] = src[v];
-        }
-      }
-    }
-  }
+  const int64_t K = g.K(), rows = n1 - n0, sample = g.C * g.H * g.W;
+  with_kernel_size(g, [&]<int KH, int KW>() {
+    for (int64_t n = n0; n < n1; ++n)
+      for (int64_t q = 0; q < nb; ++q)
+        gather_patch<KH, KW>(patches + (q * rows + (n - n0)) * K, x + n * sample, g, wins[q]);
+  });
 }
 
 // The adjoint of gather_block: x[n, c, h0_q + u, w0_q + v] += patches[q, n - n0, (c*KH+u)*KW+v].
 template <typename scalar_t>
 void scatter_add_block(scalar_t* x, const scalar_t* patches, const LCGeometry& g,
                        const PatchWindow* wins, int64_t nb, int64_t n0, int64_t n1) {
-  const int64_t K = g.K(), rows = n1 - n0, plane_size = g.H * g.W;
-  for (int64_t n = n0; n < n1; ++n) {
-    for (int64_t c = 0; c < g.C; ++c) {
-      scalar_t* plane = x + (n * g.C + c) * plane_size;
-      for (int64_t q = 0; q < nb; ++q) {
-        const PatchWindow& win = wins[q];
-        const scalar_t* src = patches + (q * rows + (n - n0)) * K + c * g.KH * g.KW;
-        for (int64_t u = win.u0; u < win.u1; ++u) {
-          scalar_t* dst = plane + (win.h0 + u) * g.W + win.w0;
-          const scalar_t* s = src + u * g.KW;
-          for (int64_t v = win.v0; v < win.v1; ++v) dst[v] += s[v];
-        }
-      }
+  const int64_t K = g.K(), rows = n1 - n0, sample = g.C * g.H * g.W;
+  with_kernel_size(g, [&]<int KH, int KW>() {
+    for (int64_t n = n0; n < n1; ++n)
+      for (int64_t q = 0; q < nb; ++q)
+        scatter_add_patch<KH, KW>(x + n * sample, patches + (q * rows + (n - n0)) * K, g, wins[q]);
+  });
+}
+
+// dst[j * dst_ld + i] = src[i * src_ld + j] for a rows x cols block, in 16 x 16 tiles: both
+// sides are strided by whole rows of large matrices (the output gradient's N*O rows of P, the
+// block result's nb rows of N*O), and an untiled loop over one side's stride would stream 16
+// lines at a power-of-two distance through the same cache sets.
+template <typename scalar_t>
+void transpose_into(const scalar_t* __restrict__ src, int64_t src_ld, scalar_t* __restrict__ dst,
+                    int64_t dst_ld, int64_t rows, int64_t cols) {
+  constexpr int64_t kTile = 16;
+  for (int64_t i0 = 0; i0 < rows; i0 += kTile) {
+    const int64_t i1 = std::min(rows, i0 + kTile);
+    for (int64_t j0 = 0; j0 < cols; j0 += kTile) {
+      const int64_t j1 = std::min(cols, j0 + kTile);
+      for (int64_t j = j0; j < j1; ++j)
+        for (int64_t i = i0; i < i1; ++i) dst[j * dst_ld + i] = src[i * src_ld + j];
     }
   }
 }
@@ -119,11 +152,7 @@ void scatter_add_block(scalar_t* x, const scalar_t* patches, const LCGeometry& g
 template <typename scalar_t>
 void gather_grad_block(const scalar_t* go, scalar_t* gl, int64_t P, int64_t p0, int64_t nb,
                        int64_t r0, int64_t r1) {
-  const int64_t rows = r1 - r0;
-  for (int64_t r = r0; r < r1; ++r) {
-    const scalar_t* src = go + r * P + p0;
-    for (int64_t q = 0; q < nb; ++q) gl[q * rows + (r - r0)] = src[q];
-  }
+  transpose_into(go + r0 * P + p0, P, gl, r1 - r0, r1 - r0, nb);
 }
 
 // Locations are processed in blocks of consecutive p. The output and the output gradient are
@@ -168,10 +197,7 @@ at::Tensor lc_forward_cpu(const at::Tensor& input, const at::Tensor& weight,
         gather_block(xp, patches.mutable_data_ptr<scalar_t>(), g, wins, nb, 0, N);
         at::Tensor dst = res.narrow(0, 0, nb);
         at::bmm_out(dst, patches.narrow(0, 0, nb), w.narrow(0, p0, nb).transpose(1, 2));
-        for (int64_t r = 0; r < N * O; ++r) {
-          scalar_t* yrow = yp + r * P + p0;
-          for (int64_t q = 0; q < nb; ++q) yrow[q] = rp[q * N * O + r];
-        }
+        transpose_into(rp, N * O, yp + p0, P, nb, N * O);  // y[r, p0 + q] = res[q, r]
       }
     });
   });
