@@ -21,6 +21,7 @@
 
 #include "bpdl/segregated.h"
 #include "bpdl/segregated_checks.h"
+#include "bpdl/segregated_host.h"
 
 #include "bpdl/cpu_avx2.h"
 
@@ -121,12 +122,6 @@ Net<T> make_net(const std::vector<at::Tensor>& W, const std::vector<at::Tensor>&
   for (auto v : need_test) net.need_test.push_back(v != 0);
   net.seed = static_cast<uint64_t>(seed);
   return net;
-}
-
-std::vector<at::Tensor> contiguous_all(at::TensorList list) {
-  std::vector<at::Tensor> out;
-  for (const auto& t : list) out.push_back(t.contiguous());
-  return out;
 }
 
 // W^T as contiguous (in, out) matrices, so that the event-driven basal input reads W's columns
@@ -305,32 +300,14 @@ std::vector<at::Tensor> train_example_cpu(
   check_train_args(W_, b_, Y_, c_, x_rate_, target_, kappa, in_ring, rings, C, lam, A, step,
                    lane_key_, lengths_, windows_, offsets_, seed, params, flags, need_train,
                    need_test);
-  const auto W = contiguous_all(W_);
-  const auto b = contiguous_all(b_);
-  const auto Y = contiguous_all(Y_);
-  const auto c = contiguous_all(c_);
+  const HostNet h = host_net(W_, b_, Y_, c_, x_rate_, lane_key_, flags);
+  const auto& [W, b, Y, c, x_rate, lane_key, B0const, M, B] = h;
   const auto offsets = contiguous_all(offsets_);
-  const at::Tensor x_rate = x_rate_.contiguous();
   const at::Tensor target = target_.contiguous();
-  const at::Tensor lane_key = lane_key_.contiguous();
   const at::Tensor lengths = lengths_.contiguous();
   const at::Tensor windows = windows_.contiguous();
-  const int M = static_cast<int>(W.size());
-  const int H = M - 1;
-  const int64_t B = x_rate.size(0);
-  const bool spiking_ff = flags[kSpikingFF] != 0;
-  const auto WT = spiking_ff ? transposed_all(W) : std::vector<at::Tensor>();
-  at::Tensor B0const;
-  if (!spiking_ff) B0const = at::addmm(b[0], x_rate, W[0].t()).contiguous();
-  // outputs: C_f, C_t, lam_f, lam_t (B, n_m); P_f (B, n_{m-1}); A_f, A_t (B, n_m); Q_f (B, n_fb)
-  std::vector<at::Tensor> out;
-  const auto opts = x_rate.options();
-  for (int k = 0; k < 4; ++k)
-    for (int m = 0; m < M; ++m) out.push_back(at::zeros({B, W[m].size(0)}, opts));
-  for (int m = 0; m < M; ++m) out.push_back(at::zeros({B, W[m].size(1)}, opts));
-  for (int k = 0; k < 2; ++k)
-    for (int m = 0; m < H; ++m) out.push_back(at::zeros({B, W[m].size(0)}, opts));
-  for (int m = 0; m < H; ++m) out.push_back(at::zeros({B, Y[m].size(1)}, opts));
+  const auto WT = flags[kSpikingFF] != 0 ? transposed_all(W) : std::vector<at::Tensor>();
+  std::vector<at::Tensor> out = train_outputs(h);
   if (B == 0) return out;
   const std::vector<double> prm(params.begin(), params.end());
   const std::vector<int64_t> flg(flags.begin(), flags.end());
@@ -416,18 +393,9 @@ at::Tensor test_cpu(at::TensorList W_, at::TensorList b_, at::TensorList Y_, at:
                     at::IntArrayRef need_test) {
   check_test_args(W_, b_, Y_, c_, x_rate_, kappa, lane_key_, seed, steps, window, params, flags,
                   need_test);
-  const auto W = contiguous_all(W_);
-  const auto b = contiguous_all(b_);
-  const auto Y = contiguous_all(Y_);
-  const auto c = contiguous_all(c_);
-  const at::Tensor x_rate = x_rate_.contiguous();
-  const at::Tensor lane_key = lane_key_.contiguous();
-  const int M = static_cast<int>(W.size());
-  const int64_t B = x_rate.size(0);
-  const bool spiking_ff = flags[kSpikingFF] != 0;
-  const auto WT = spiking_ff ? transposed_all(W) : std::vector<at::Tensor>();
-  at::Tensor B0const;
-  if (!spiking_ff) B0const = at::addmm(b[0], x_rate, W[0].t()).contiguous();
+  const HostNet h = host_net(W_, b_, Y_, c_, x_rate_, lane_key_, flags);
+  const auto& [W, b, Y, c, x_rate, lane_key, B0const, M, B] = h;
+  const auto WT = flags[kSpikingFF] != 0 ? transposed_all(W) : std::vector<at::Tensor>();
   at::Tensor out = at::zeros({B, W[M - 1].size(0)}, x_rate.options());
   if (B == 0) return out;
   const std::vector<double> prm(params.begin(), params.end());
@@ -629,26 +597,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> plasticit
     const T coef = static_cast<T>(gain * lambda_max);
     const T fgain = static_cast<T>(fb_gain);
     at::parallel_for(0, B * n, 4096, [&](int64_t lo, int64_t hi) {
-      for (int64_t i = lo; i < hi; ++i) {
-        const T s = sigmoid_exact<T>(cp[i]);
-        const T ds = s * (T(1) - s);
-        T drive;
-        if (kind == kKindOutput) drive = ap[i] - lmax * s;
-        else if (kind == kKindHidden) drive = sigmoid_exact<T>(ap[i]) - sigmoid_exact<T>(bp[i]);
-        else drive = ap[i];
-        ep[i] = drive * ds * coef;
-        if (efp) {
-          const T sa = sigmoid_exact<T>(afp[i]);
-          efp[i] = (lmax * s - sa) * (sa * (T(1) - sa)) * fgain;
-        }
-      }
+      T unused = T(0);
+      for (int64_t i = lo; i < hi; ++i)
+        plasticity_errors<T>(kind, cp[i], ap[i], bp ? bp[i] : T(0), efp ? afp[i] : T(0),
+                             efp != nullptr, lmax, coef, fgain, ep[i], efp ? efp[i] : unused);
     });
   });
-  at::Tensor gW = at::mm(e.t(), P_f).mul_(scale);
-  at::Tensor gb = e.sum(0).mul_(scale);
-  at::Tensor gY = learn_fb ? at::mm(e_fb.t(), *Q_f).mul_(fb_scale) : at::empty({0}, C_f.options());
-  at::Tensor gc = learn_fb ? e_fb.sum(0).mul_(fb_scale) : at::empty({0}, C_f.options());
-  return {e, gW, gb, gY, gc};
+  return plasticity_results(e, e_fb, P_f, Q_f, scale, fb_scale);
 }
 
 }  // namespace

@@ -20,6 +20,7 @@
 
 #include "bpdl/segregated.h"
 #include "bpdl/segregated_checks.h"
+#include "bpdl/segregated_host.h"
 
 namespace bpdl {
 namespace {
@@ -518,12 +519,6 @@ __global__ void test_kernel(DevNet<T> net, DevLanes<T> L, DevScratch sc, T* fscr
 
 // ---- host side -----------------------------------------------------------------------------------
 
-std::vector<at::Tensor> contiguous_all(at::TensorList list) {
-  std::vector<at::Tensor> out;
-  for (const auto& t : list) out.push_back(t.contiguous());
-  return out;
-}
-
 template <typename T>
 DevNet<T> make_dev_net(const std::vector<at::Tensor>& W, const std::vector<at::Tensor>& WT,
                        const std::vector<at::Tensor>& b, const std::vector<at::Tensor>& Y,
@@ -631,32 +626,18 @@ std::vector<at::Tensor> train_example_cuda(
                    lane_key_, lengths_, windows_, offsets_, seed, params, flags, need_train,
                    need_test);
   const c10::cuda::CUDAGuard guard(x_rate_.device());
-  const auto W = contiguous_all(W_);
-  const auto b = contiguous_all(b_);
-  const auto Y = contiguous_all(Y_);
-  const auto c = contiguous_all(c_);
+  const HostNet h = host_net(W_, b_, Y_, c_, x_rate_, lane_key_, flags);
+  const auto& [W, b, Y, c, x_rate, lane_key, B0const, M, B] = h;
   const auto offsets = contiguous_all(offsets_);
-  const at::Tensor x_rate = x_rate_.contiguous();
   const at::Tensor target = target_.contiguous();
-  const at::Tensor lane_key = lane_key_.contiguous();
   const at::Tensor lengths = lengths_.contiguous();
   const at::Tensor windows = windows_.contiguous();
-  const int M = static_cast<int>(W.size());
-  const int H = M - 1;
-  const int64_t B = x_rate.size(0);
   std::vector<at::Tensor> WT;
   for (const auto& w : W) WT.push_back(w.t().contiguous());
-  at::Tensor B0const;
-  if (flags[kSpikingFF] == 0) B0const = at::addmm(b[0], x_rate, W[0].t()).contiguous();
-  std::vector<at::Tensor> out;
-  const auto opts = x_rate.options();
-  for (int k = 0; k < 4; ++k)
-    for (int m = 0; m < M; ++m) out.push_back(at::zeros({B, W[m].size(0)}, opts));
-  for (int m = 0; m < M; ++m) out.push_back(at::zeros({B, W[m].size(1)}, opts));
-  for (int k = 0; k < 2; ++k)
-    for (int m = 0; m < H; ++m) out.push_back(at::zeros({B, W[m].size(0)}, opts));
-  for (int m = 0; m < H; ++m) out.push_back(at::zeros({B, Y[m].size(1)}, opts));
+  std::vector<at::Tensor> out = train_outputs(h);
   if (B == 0) return out;
+  const int H = M - 1;
+  const auto opts = x_rate.options();
   const int64_t max_length = lengths.max().item<int64_t>();
   auto stream = c10::cuda::getCurrentCUDAStream();
   AT_DISPATCH_FLOATING_TYPES(x_rate.scalar_type(), "segregated_train_example_cuda", [&] {
@@ -698,18 +679,10 @@ at::Tensor test_cuda(at::TensorList W_, at::TensorList b_, at::TensorList Y_, at
   check_test_args(W_, b_, Y_, c_, x_rate_, kappa, lane_key_, seed, steps, window, params, flags,
                   need_test);
   const c10::cuda::CUDAGuard guard(x_rate_.device());
-  const auto W = contiguous_all(W_);
-  const auto b = contiguous_all(b_);
-  const auto Y = contiguous_all(Y_);
-  const auto c = contiguous_all(c_);
-  const at::Tensor x_rate = x_rate_.contiguous();
-  const at::Tensor lane_key = lane_key_.contiguous();
-  const int M = static_cast<int>(W.size());
-  const int64_t B = x_rate.size(0);
+  const HostNet h = host_net(W_, b_, Y_, c_, x_rate_, lane_key_, flags);
+  const auto& [W, b, Y, c, x_rate, lane_key, B0const, M, B] = h;
   std::vector<at::Tensor> WT;
   for (const auto& w : W) WT.push_back(w.t().contiguous());
-  at::Tensor B0const;
-  if (flags[kSpikingFF] == 0) B0const = at::addmm(b[0], x_rate, W[0].t()).contiguous();
   at::Tensor out = at::zeros({B, W[M - 1].size(0)}, x_rate.options());
   if (B == 0) return out;
   auto stream = c10::cuda::getCurrentCUDAStream();
@@ -893,17 +866,9 @@ __global__ void plasticity_kernel(int64_t total, int64_t kind, const T* C_f, con
                                   const T* b, const T* A_f, T lmax, T coef, T fgain, T* e, T* e_fb) {
   const int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
   if (i >= total) return;
-  const T s = sigmoid_exact<T>(C_f[i]);
-  const T ds = s * (T(1) - s);
-  T drive;
-  if (kind == kKindOutput) drive = a[i] - lmax * s;
-  else if (kind == kKindHidden) drive = sigmoid_exact<T>(a[i]) - sigmoid_exact<T>(b[i]);
-  else drive = a[i];
-  e[i] = drive * ds * coef;
-  if (e_fb) {
-    const T sa = sigmoid_exact<T>(A_f[i]);
-    e_fb[i] = (lmax * s - sa) * (sa * (T(1) - sa)) * fgain;
-  }
+  T unused = T(0);
+  plasticity_errors<T>(kind, C_f[i], a[i], b ? b[i] : T(0), e_fb ? A_f[i] : T(0), e_fb != nullptr,
+                       lmax, coef, fgain, e[i], e_fb ? e_fb[i] : unused);
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> plasticity_cuda(
@@ -936,11 +901,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> plasticit
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     });
   }
-  at::Tensor gW = at::mm(e.t(), P_f).mul_(scale);
-  at::Tensor gb = e.sum(0).mul_(scale);
-  at::Tensor gY = learn_fb ? at::mm(e_fb.t(), *Q_f).mul_(fb_scale) : at::empty({0}, C_f.options());
-  at::Tensor gc = learn_fb ? e_fb.sum(0).mul_(fb_scale) : at::empty({0}, C_f.options());
-  return {e, gW, gb, gY, gc};
+  return plasticity_results(e, e_fb, P_f, Q_f, scale, fb_scale);
 }
 
 }  // namespace
