@@ -381,3 +381,40 @@ def test_cli_train_and_plot_dynamics(real_data_root, tmp_path, capsys):
                "--no-progress", "--out", str(tmp_path / "bad")])
     assert rc == 2
     assert "shorter than the averaging window" in capsys.readouterr().err
+
+
+def test_guerguiev2017_config_defaults_and_errors():
+    from bpdl.segregated_experiments import REPRODUCTION_BATCH, guerguiev2017_config
+
+    one, two = guerguiev2017_config(layers=1), guerguiev2017_config(layers=2)
+    assert one["batch_size"] == 32 and one["model_options"]["hidden"] == [500]
+    assert two["batch_size"] == REPRODUCTION_BATCH[2] == 16
+    assert two["model_options"]["hidden"] == [500, 100]
+    assert two["layer_lrs"] == pytest.approx(list(batch_layer_lrs(2, 16)))
+    explicit = guerguiev2017_config(layers=2, batch_size=8)
+    assert explicit["batch_size"] == 8
+    assert explicit["layer_lrs"] == pytest.approx(list(batch_layer_lrs(2, 8)))
+    assert guerguiev2017_config(layers=1, variant="sparse")["model_options"]["sparse_feedback"]
+    assert guerguiev2017_config(variant="symmetric")["model_options"]["symmetric_weights"]
+    with pytest.raises(ConfigError, match="--layers 1"):
+        guerguiev2017_config(layers=2, variant="symmetric")
+    with pytest.raises(ConfigError, match="0, 1 or 2"):
+        guerguiev2017_config(layers=3)
+
+
+@pytest.mark.slow
+def test_cli_reproduce_guerguiev2017_two_layers(real_data_root, tmp_path, capsys):
+    out = tmp_path / "g17"
+    rc = main(["reproduce", "guerguiev2017", "--layers", "2", "--max-examples", "32",
+               "--test-repeats", "2", "--data-dir", str(real_data_root), "--offline",
+               "--no-progress", "--threads", "2", "--out", str(out)])
+    assert rc == 0
+    assert "784-500-100-10" in capsys.readouterr().out
+    cfg = json.loads((out / "config.json").read_text())
+    assert cfg["batch_size"] == 16 and cfg["model_options"]["hidden"] == [500, 100]
+    record = json.loads((out / "reproduction.json").read_text())
+    assert record["status"] == "completed" and record["published_test_error"] == 3.2
+    errors = record["final_test_errors"]
+    assert len(errors) == 2 and all(0 <= e <= 100 for e in errors)
+    assert record["final_test_error_mean"] == pytest.approx(sum(errors) / 2)
+    assert (out / "figures" / "test_error.png").exists()

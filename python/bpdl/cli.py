@@ -461,7 +461,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="feedback weights (sparse/symmetric: 784-500-10 only)")
     g.add_argument("--feedback-bias", default="none", choices=("none", "g23f", "ghead"))
     g.add_argument("--batch-size", type=int, default=None,
-                   help="lanes per update (default 32; the rates are rescaled for it)")
+                   help="lanes per update (default 32; 16 with --layers 2; the rates are "
+                        "rescaled for it)")
     g.add_argument("--test-repeats", type=int, default=20,
                    help="repeated tests of the final weights (the paper averages 20)")
     g.add_argument("--seed", type=int, default=0)
