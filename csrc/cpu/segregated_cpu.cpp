@@ -597,10 +597,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> plasticit
     const T coef = static_cast<T>(gain * lambda_max);
     const T fgain = static_cast<T>(fb_gain);
     at::parallel_for(0, B * n, 4096, [&](int64_t lo, int64_t hi) {
-      T unused = T(0);
-      for (int64_t i = lo; i < hi; ++i)
-        plasticity_errors<T>(kind, cp[i], ap[i], bp ? bp[i] : T(0), efp ? afp[i] : T(0),
-                             efp != nullptr, lmax, coef, fgain, ep[i], efp ? efp[i] : unused);
+      for (int64_t i = lo; i < hi; ++i) {
+        ep[i] = plasticity_error<T>(kind, cp[i], ap[i], bp ? bp[i] : T(0), lmax, coef);
+        if (efp) efp[i] = feedback_error<T>(cp[i], afp[i], lmax, fgain);
+      }
     });
   });
   return plasticity_results(e, e_fb, P_f, Q_f, scale, fb_scale);

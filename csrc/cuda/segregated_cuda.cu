@@ -866,9 +866,8 @@ __global__ void plasticity_kernel(int64_t total, int64_t kind, const T* C_f, con
                                   const T* b, const T* A_f, T lmax, T coef, T fgain, T* e, T* e_fb) {
   const int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
   if (i >= total) return;
-  T unused = T(0);
-  plasticity_errors<T>(kind, C_f[i], a[i], b ? b[i] : T(0), e_fb ? A_f[i] : T(0), e_fb != nullptr,
-                       lmax, coef, fgain, e[i], e_fb ? e_fb[i] : unused);
+  e[i] = plasticity_error<T>(kind, C_f[i], a[i], b ? b[i] : T(0), lmax, coef);
+  if (e_fb) e_fb[i] = feedback_error<T>(C_f[i], A_f[i], lmax, fgain);
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> plasticity_cuda(
