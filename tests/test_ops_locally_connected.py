@@ -193,7 +193,7 @@ def test_layer_initialiser_statistics():
     bound = 1 / fan_in**0.5
     layer.reset_parameters()
     # the bound in the weights' precision: float32 rounding of a draw may land exactly on it
-    assert float(layer.weight.abs().max()) <= float(torch.tensor(bound, dtype=torch.float32))
+    assert float(layer.weight.detach().abs().max()) <= float(torch.tensor(bound, dtype=torch.float32))
 
 
 # ---- regenerated DFA projection -------------------------------------------------------------------
