@@ -4,9 +4,9 @@
 // The reference unfolds the whole input into (N, K, P) and runs one batched matrix product.
 // These kernels hold the patches of a small block of locations at a time: for each output
 // location p they gather the (N, K) patch matrix into a per-thread buffer and run one small
-// GEMM against that location's (O, K) filter bank (one batched call per block), so the extra memory is a capped per-thread
-// buffer instead of O(N * K * P), and each location's filters (the bulk of an LC layer's
-// bytes) are read once.
+// GEMM against that location's (O, K) filter bank (one batched call per block), so the extra
+// memory is a capped per-thread buffer instead of O(N * K * P), and each location's filters
+// (the bulk of an LC layer's bytes) are read once.
 //
 //   forward      parallel over locations:  Y_p (N, O)  = X_p (N, K) @ W_p^T
 //   grad_weight  parallel over locations:  dW_p (O, K) = G_p^T (O, N) @ X_p (N, K)
@@ -157,7 +157,7 @@ void gather_grad_block(const scalar_t* go, scalar_t* gl, int64_t P, int64_t p0, 
 
 // Locations are processed in blocks of consecutive p. The output and the output gradient are
 // (N, O, P) with p fastest, so a block reads or writes runs of a cache line instead of one
-// element per line, and the patch gather visits each input plane once per block. The block's
+// element per line, and the patch gather reads each example's input once per block. The block's
 // patch buffer is capped (kPatchBudget elements per thread), far below the reference's N*K*P.
 constexpr int64_t kMaxBlock = 16;
 constexpr int64_t kPatchBudget = int64_t(1) << 20;
