@@ -54,43 +54,32 @@ inline PatchWindow window(const LCGeometry& g, int64_t p) {
   return win;
 }
 
-// One location's patch of one example, all channels: dst[(c*KH + u)*KW + v] = xn[c, h0 + u, w0 + v],
-// 0 outside the input. KH_/KW_ > 0 fix a full window's size at compile time (the common 3x3 and
-// 5x5 kernels), so its rows are copied with fixed-length, unrolled loops.
-template <int KH_, int KW_, typename scalar_t>
-inline void gather_patch(scalar_t* __restrict__ dst, const scalar_t* __restrict__ xn,
-                         const LCGeometry& g, const PatchWindow& win) {
+// Moves one location's patch of one example, all channels, between a patch row and the input.
+// Gather (Scatter = false): patch[(c*KH + u)*KW + v] = xn[c, h0 + u, w0 + v], 0 outside the
+// input. Scatter, its adjoint: xn[c, h0 + u, w0 + v] += patch[(c*KH + u)*KW + v] inside the
+// input. KH_/KW_ > 0 fix a full window's size at compile time (the common 3x3 and 5x5 kernels),
+// so its rows move in fixed-length, unrolled loops. Patch and Input are pointer types (const on
+// the side that is only read).
+template <bool Scatter, int KH_, int KW_, typename Patch, typename Input>
+inline void move_patch(Patch __restrict__ patch, Input __restrict__ xn, const LCGeometry& g,
+                       const PatchWindow& win) {
   const int64_t KH = KH_ > 0 ? KH_ : g.KH, KW = KW_ > 0 ? KW_ : g.KW;
   const int64_t kk = KH * KW, plane = g.H * g.W, W = g.W;
-  const scalar_t* origin = xn + win.h0 * W + win.w0;
+  auto move = [](auto& p, auto& x) {
+    if constexpr (Scatter) x += p;
+    else p = x;
+  };
+  Input origin = xn + win.h0 * W + win.w0;
   if (win.full) {
-    for (int64_t c = 0; c < g.C; ++c, dst += kk, origin += plane)
+    for (int64_t c = 0; c < g.C; ++c, patch += kk, origin += plane)
       for (int64_t u = 0; u < KH; ++u)
-        for (int64_t v = 0; v < KW; ++v) dst[u * KW + v] = origin[u * W + v];
+        for (int64_t v = 0; v < KW; ++v) move(patch[u * KW + v], origin[u * W + v]);
     return;
   }
-  std::fill(dst, dst + g.C * kk, scalar_t(0));
-  for (int64_t c = 0; c < g.C; ++c, dst += kk, origin += plane)
+  if constexpr (!Scatter) std::fill(patch, patch + g.C * kk, 0);
+  for (int64_t c = 0; c < g.C; ++c, patch += kk, origin += plane)
     for (int64_t u = win.u0; u < win.u1; ++u)
-      for (int64_t v = win.v0; v < win.v1; ++v) dst[u * KW + v] = origin[u * W + v];
-}
-
-// The adjoint of gather_patch: xn[c, h0 + u, w0 + v] += src[(c*KH + u)*KW + v] inside the input.
-template <int KH_, int KW_, typename scalar_t>
-inline void scatter_add_patch(scalar_t* __restrict__ xn, const scalar_t* __restrict__ src,
-                              const LCGeometry& g, const PatchWindow& win) {
-  const int64_t KH = KH_ > 0 ? KH_ : g.KH, KW = KW_ > 0 ? KW_ : g.KW;
-  const int64_t kk = KH * KW, plane = g.H * g.W, W = g.W;
-  scalar_t* origin = xn + win.h0 * W + win.w0;
-  if (win.full) {
-    for (int64_t c = 0; c < g.C; ++c, src += kk, origin += plane)
-      for (int64_t u = 0; u < KH; ++u)
-        for (int64_t v = 0; v < KW; ++v) origin[u * W + v] += src[u * KW + v];
-    return;
-  }
-  for (int64_t c = 0; c < g.C; ++c, src += kk, origin += plane)
-    for (int64_t u = win.u0; u < win.u1; ++u)
-      for (int64_t v = win.v0; v < win.v1; ++v) origin[u * W + v] += src[u * KW + v];
+      for (int64_t v = win.v0; v < win.v1; ++v) move(patch[u * KW + v], origin[u * W + v]);
 }
 
 // Runs body.template operator()<KH, KW>() with the kernel size fixed at compile time where it is
@@ -102,32 +91,35 @@ inline void with_kernel_size(const LCGeometry& g, Body&& body) {
   else body.template operator()<0, 0>();
 }
 
-// patches[q, n - n0, (c*KH + u)*KW + v] = x[n, c, h0_q + u, w0_q + v] (0 outside the input) for
-// the nb locations p0 .. p0+nb-1 of examples n0 .. n1-1. Examples are outermost, so one
-// example's input (C*H*W values) stays in cache while all nb locations read it, and the channel
-// loop is innermost, so its trip count and window are the same for C iterations (a location's
-// window changes at the borders, and a loop over locations inside would mispredict there).
-template <typename scalar_t>
-void gather_block(const scalar_t* x, scalar_t* patches, const LCGeometry& g,
-                  const PatchWindow* wins, int64_t nb, int64_t n0, int64_t n1) {
+// Gather: patches[q, n - n0, (c*KH + u)*KW + v] = x[n, c, h0_q + u, w0_q + v] (0 outside the
+// input) for the nb locations p0 .. p0+nb-1 of examples n0 .. n1-1; Scatter, its adjoint:
+// x[n, c, h0_q + u, w0_q + v] += patches[q, n - n0, (c*KH+u)*KW+v]. Examples are outermost, so
+// one example's input (C*H*W values) stays in cache while all nb locations use it, and the
+// channel loop is innermost, so its trip count and window are the same for C iterations (a
+// location's window changes at the borders, and a loop over locations inside would mispredict
+// there).
+template <bool Scatter, typename Patch, typename Input>
+void move_block(Patch patches, Input x, const LCGeometry& g, const PatchWindow* wins, int64_t nb,
+                int64_t n0, int64_t n1) {
   const int64_t K = g.K(), rows = n1 - n0, sample = g.C * g.H * g.W;
   with_kernel_size(g, [&]<int KH, int KW>() {
     for (int64_t n = n0; n < n1; ++n)
       for (int64_t q = 0; q < nb; ++q)
-        gather_patch<KH, KW>(patches + (q * rows + (n - n0)) * K, x + n * sample, g, wins[q]);
+        move_patch<Scatter, KH, KW>(patches + (q * rows + (n - n0)) * K, x + n * sample, g,
+                                    wins[q]);
   });
 }
 
-// The adjoint of gather_block: x[n, c, h0_q + u, w0_q + v] += patches[q, n - n0, (c*KH+u)*KW+v].
+template <typename scalar_t>
+void gather_block(const scalar_t* x, scalar_t* patches, const LCGeometry& g,
+                  const PatchWindow* wins, int64_t nb, int64_t n0, int64_t n1) {
+  move_block<false>(patches, x, g, wins, nb, n0, n1);
+}
+
 template <typename scalar_t>
 void scatter_add_block(scalar_t* x, const scalar_t* patches, const LCGeometry& g,
                        const PatchWindow* wins, int64_t nb, int64_t n0, int64_t n1) {
-  const int64_t K = g.K(), rows = n1 - n0, sample = g.C * g.H * g.W;
-  with_kernel_size(g, [&]<int KH, int KW>() {
-    for (int64_t n = n0; n < n1; ++n)
-      for (int64_t q = 0; q < nb; ++q)
-        scatter_add_patch<KH, KW>(x + n * sample, patches + (q * rows + (n - n0)) * K, g, wins[q]);
-  });
+  move_block<true>(patches, x, g, wins, nb, n0, n1);
 }
 
 // dst[j * dst_ld + i] = src[i * src_ld + j] for a rows x cols block, in 16 x 16 tiles: both
