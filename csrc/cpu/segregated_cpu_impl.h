@@ -197,13 +197,35 @@ inline int count_from_word(uint32_t w, double lambda, float e_approx) {
   }
 }
 
+#if defined(BPDL_SEG_IMPL_AVX2)
+// For each 8-bit mask: the positions of its set bits, lowest first, as nibbles (the lane order of
+// a left-packing permutation), and the number of set bits.
+struct PackTable {
+  uint32_t perm[256];
+  uint8_t count[256];
+  PackTable() {
+    for (int m = 0; m < 256; ++m) {
+      uint32_t packed = 0;
+      int k = 0;
+      for (int b = 0; b < 8; ++b)
+        if (m & (1 << b)) packed |= static_cast<uint32_t>(b) << (4 * k++);
+      perm[m] = packed;
+      count[m] = static_cast<uint8_t>(k);
+    }
+  }
+};
+#endif
+
 // Poisson counts for the neurons behind `words` (word i belongs to neuron idx[i], or i when idx
 // is null); writes the int8 ring slot (zeroed first) and the list of (index, count) of the units
-// that spiked. In float, with cdf_k the approximate CDF from e^-lambda (`e_neg`, ~1e-7 relative):
-// u > cdf_0 + d means at least one spike, u > cdf_1 + d at least two; a draw within d = 2e-6 of
-// cdf_0, cdf_1 or cdf_2, or beyond cdf_2, takes the exact double-precision inversion
-// (count_from_word / spike_count), so every count equals the reference's. The AVX2 build
-// decides eight draws at a time.
+// that spiked, in increasing word order. In float, with cdf_k the approximate CDF from e^-lambda
+// (`e_neg`, ~1e-7 relative): u > cdf_0 + d means at least one spike, u > cdf_1 + d at least two;
+// a draw within d = 2e-6 of cdf_0, cdf_1 or cdf_2, or beyond cdf_2, takes the exact
+// double-precision inversion (count_from_word / spike_count), so every count equals the
+// reference's. The AVX2 build decides eight draws at a time and appends the events of a group of
+// eight without branching on its individual draws (a left-packing permutation of the group's
+// indices and counts); only a group with a draw that needs the exact inversion, rare, takes the
+// per-draw path. `ev_idx` and `ev_cnt` need room for 8 entries beyond the last event.
 template <typename T>
 inline int64_t counts_from_words(const uint32_t* __restrict__ words, const T* __restrict__ lam,
                                  const float* __restrict__ e_neg, int64_t m,
@@ -215,18 +237,24 @@ inline int64_t counts_from_words(const uint32_t* __restrict__ words, const T* __
   int64_t events = 0;
   auto emit = [&](int64_t i, int k) {
     if (!k) return;
-    const int64_t j = idx ? idx[i] : i;
-    slot[j] = static_cast<int8_t>(k);
-    ev_idx[events] = static_cast<int32_t>(j);
+    ev_idx[events] = static_cast<int32_t>(idx ? idx[i] : i);
     ev_cnt[events] = static_cast<int8_t>(k);
     ++events;
   };
   int64_t i0 = 0;
 #if defined(BPDL_SEG_IMPL_AVX2)
+  static const PackTable pack;
   const __m256 scale = _mm256_set1_ps(4.656612873077393e-10f);
   const __m256 d = _mm256_set1_ps(2e-6f);
   const __m256 half = _mm256_set1_ps(0.5f);
   const __m256 sign = _mm256_set1_ps(-0.0f);
+  const __m256i iota = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+  const __m256i nibble_shift = _mm256_setr_epi32(0, 4, 8, 12, 16, 20, 24, 28);
+  const __m256i nibble = _mm256_set1_epi32(15);
+  // byte 0 of each 32-bit lane to the lane's low four bytes (per 128-bit half)
+  const __m256i low_bytes = _mm256_setr_epi8(0, 4, 8, 12, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1,
+                                             -1, -1, 0, 4, 8, 12, -1, -1, -1, -1, -1, -1, -1, -1,
+                                             -1, -1, -1, -1);
   for (; i0 + 8 <= m; i0 += 8) {
     const __m256i wv = _mm256_srli_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(words + i0)), 1);
     const __m256 u = _mm256_mul_ps(_mm256_cvtepi32_ps(wv), scale);
@@ -248,25 +276,45 @@ inline int64_t counts_from_words(const uint32_t* __restrict__ words, const T* __
     __m256 amb = _mm256_cmp_ps(_mm256_andnot_ps(sign, _mm256_sub_ps(u, e)), d, _CMP_LE_OQ);
     amb = _mm256_or_ps(amb, _mm256_cmp_ps(_mm256_andnot_ps(sign, _mm256_sub_ps(u, c1)), d, _CMP_LE_OQ));
     amb = _mm256_or_ps(amb, _mm256_cmp_ps(_mm256_sub_ps(u, c2), _mm256_sub_ps(_mm256_setzero_ps(), d), _CMP_GE_OQ));
-    unsigned spikes = static_cast<unsigned>(_mm256_movemask_ps(_mm256_or_ps(gt0, amb)));
-    if (!spikes) continue;
-    const unsigned two = static_cast<unsigned>(_mm256_movemask_ps(gt1));
     const unsigned exact = static_cast<unsigned>(_mm256_movemask_ps(amb));
-    while (spikes) {
-      const int b = __builtin_ctz(spikes);
-      spikes &= spikes - 1;
-      const int64_t i = i0 + b;
-      const int k = ((exact >> b) & 1u)
-                        ? spike_count(unit_u32(words[i]), static_cast<double>(lam[i]))
-                        : 1 + static_cast<int>((two >> b) & 1u);
-      emit(i, k);
+    if (exact) [[unlikely]] {  // per draw, with the exact inversion where it is needed
+      unsigned spikes = static_cast<unsigned>(_mm256_movemask_ps(_mm256_or_ps(gt0, amb)));
+      const unsigned two = static_cast<unsigned>(_mm256_movemask_ps(gt1));
+      while (spikes) {
+        const int b = __builtin_ctz(spikes);
+        spikes &= spikes - 1;
+        const int64_t i = i0 + b;
+        const int k = ((exact >> b) & 1u)
+                          ? spike_count(unit_u32(words[i]), static_cast<double>(lam[i]))
+                          : 1 + static_cast<int>((two >> b) & 1u);
+        emit(i, k);
+      }
+      continue;
     }
+    // count = [u > cdf_0] + [u > cdf_1] (the comparison masks are -1 where true)
+    const unsigned spikes = static_cast<unsigned>(_mm256_movemask_ps(gt0));
+    const __m256i cnt = _mm256_sub_epi32(_mm256_setzero_si256(),
+                                         _mm256_add_epi32(_mm256_castps_si256(gt0),
+                                                          _mm256_castps_si256(gt1)));
+    const __m256i perm = _mm256_and_si256(
+        _mm256_srlv_epi32(_mm256_set1_epi32(static_cast<int>(pack.perm[spikes])), nibble_shift),
+        nibble);
+    const __m256i ids = idx ? _mm256_loadu_si256(reinterpret_cast<const __m256i*>(idx + i0))
+                            : _mm256_add_epi32(iota, _mm256_set1_epi32(static_cast<int>(i0)));
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(ev_idx + events),
+                        _mm256_permutevar8x32_epi32(ids, perm));
+    const __m256i cb = _mm256_shuffle_epi8(_mm256_permutevar8x32_epi32(cnt, perm), low_bytes);
+    const uint64_t bytes = static_cast<uint32_t>(_mm256_cvtsi256_si32(cb)) |
+                           (static_cast<uint64_t>(static_cast<uint32_t>(_mm256_extract_epi32(cb, 4))) << 32);
+    __builtin_memcpy(ev_cnt + events, &bytes, sizeof(bytes));
+    events += pack.count[spikes];
   }
 #endif
   for (; i0 < m; ++i0) {
     const float u = static_cast<float>(static_cast<int32_t>(words[i0] >> 1)) * 4.656612873077393e-10f;
     if (u + 1e-6f > e_neg[i0]) emit(i0, count_from_word(words[i0], static_cast<double>(lam[i0]), e_neg[i0]));
   }
+  for (int64_t k = 0; k < events; ++k) slot[ev_idx[k]] = ev_cnt[k];
   return events;
 }
 
@@ -336,9 +384,9 @@ struct Scratch {
     ev_idx.assign(M + 1, std::vector<int32_t>());
     ev_cnt.assign(M + 1, std::vector<int8_t>());
     ev_n.assign(M + 1, 0);
-    for (int p = 0; p <= M; ++p) {
-      ev_idx[p].resize(net.n[p]);
-      ev_cnt[p].resize(net.n[p]);
+    for (int p = 0; p <= M; ++p) {  // + 8: counts_from_words stores whole groups of eight
+      ev_idx[p].resize(net.n[p] + 8);
+      ev_cnt[p].resize(net.n[p] + 8);
     }
     words.resize(4 * ((widest + 3) / 4) + 128);
     in_groups.resize((net.n[0] + 3) / 4);
