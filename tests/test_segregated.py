@@ -230,6 +230,28 @@ def test_summed_and_averaged_updates(mnist):
         assert float(s.abs().sum()) > 0
 
 
+@pytest.mark.parametrize("model_opts", [{}, {"window": "paper"},
+                                        {"random_phase_lengths": False}])
+def test_cached_phase_plan_slices_equal_the_phase_plan(model_opts):
+    from bpdl.rules.segregated import PLAN_BLOCK
+
+    learner = _learner(hidden=(20,), **model_opts)
+    cpu = torch.device("cpu")
+    for first, count in ((0, 32), (1000, 7), (PLAN_BLOCK - 32, 32), (3 * PLAN_BLOCK + 5, 1)):
+        lengths, windows = learner._plan_slices(first, count, learner.seed, cpu)
+        ref_lengths, ref_windows, offsets = learner.phase_plan(
+            torch.arange(first, first + count), learner.seed)
+        assert offsets is None
+        assert torch.equal(lengths, ref_lengths) and torch.equal(windows, ref_windows)
+    if learner.params.random_phase_lengths:
+        assert lengths.unique().numel() > 1 or count == 1
+        assert learner._plan_slices(0, 32, learner.seed, cpu)[0].unique().numel() > 1
+    # a batch across two cached blocks, and random plateau times, take the general plan
+    assert learner._plan_slices(PLAN_BLOCK - 3, 8, learner.seed, cpu) is None
+    plateaus = _learner(hidden=(20,), random_plateaus=True)
+    assert plateaus._plan_slices(0, 4, plateaus.seed, cpu) is None
+
+
 def test_state_carries_over_and_checkpoints_restore_it(mnist):
     a = _learner(hidden=(40,))
     opt_a = _sgd(a, batch_layer_lrs(1, 4))

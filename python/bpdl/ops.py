@@ -94,6 +94,22 @@ def _seg_lists(params, original_quirks: bool = False) -> tuple[list[float], list
     return [float(v) for v in values], flags
 
 
+def _seg_static(params, dtype: torch.dtype, device, original_quirks: bool):
+    """(values, flags, need_train, need_test, kappa) of the segregated kernels for ``params``,
+    computed once per dtype, device and quirks setting and kept on the (frozen, immutable)
+    ``params`` object: the training loop calls the kernels once per minibatch."""
+    cache = params.__dict__.setdefault("_bpdl_ops_cache", {})
+    key = (dtype, torch.device(device), bool(original_quirks))
+    hit = cache.get(key)
+    if hit is None:
+        values, flags = _seg_lists(params, original_quirks)
+        hit = (values, flags, [int(v) for v in params.spiking_populations(True)],
+               [int(v) for v in params.spiking_populations(False)],
+               params.kappa(dtype, device))
+        cache[key] = hit
+    return hit
+
+
 def _seg_check_rates(x_rate: Tensor, what: str = "x_rate") -> None:
     if not isinstance(x_rate, Tensor) or not x_rate.is_floating_point() or x_rate.dim() != 2:
         raise ValueError(f"{what} must be a floating-point (lanes, n_in) tensor of input rates")
@@ -178,7 +194,7 @@ def segregated_plasticity(kind: int, C_f: Tensor, P_f: Tensor, a: Tensor, b: Ten
 
 def segregated_train_example(W, b, Y, c, state, x_rate: Tensor, target: Tensor, lengths: Tensor,
                              windows: Tensor, offsets, seed: int, lane_key: Tensor, params,
-                             original_quirks: bool = False):
+                             original_quirks: bool = False, *, validate: bool = True):
     """Forward and target phase of one training example in every lane, fused (G17 section 5.4;
     reference :func:`bpdl.functional.segregated.simulate_training_example`, same arguments).
 
@@ -187,17 +203,17 @@ def segregated_train_example(W, b, Y, c, state, x_rate: Tensor, target: Tensor, 
     integrated event-driven (sums of W's columns of the units that spiked), the apical and
     feedforward-PSP averages in closed form, and the spike draws are the reference's, so the
     result equals the reference up to floating-point rounding. Returns the phase averages
-    (:class:`~bpdl.functional.segregated.PhaseAverages`).
+    (:class:`~bpdl.functional.segregated.PhaseAverages`). ``validate=False`` skips the check
+    of ``x_rate``'s values (finite, in [0, MAX_POISSON_MEAN]) for callers that made it.
     """
     from bpdl.functional.segregated import PhaseAverages
 
-    _seg_check_rates(x_rate)
-    values, flags = _seg_lists(params, original_quirks)
-    need_train = [int(v) for v in params.spiking_populations(True)]
-    need_test = [int(v) for v in params.spiking_populations(False)]
+    if validate:
+        _seg_check_rates(x_rate)
+    values, flags, need_train, need_test, kappa = _seg_static(params, x_rate.dtype,
+                                                              x_rate.device, original_quirks)
     cs = [] if (c is None or all(v is None for v in c)) else list(c)
     offs = [] if offsets is None else [o.to(torch.int64) for o in offsets]
-    kappa = params.kappa(x_rate.dtype, x_rate.device)
     flat = torch.ops.bpdl.segregated_train_example(
         list(W), list(b), list(Y), cs, x_rate, target, kappa, state.in_ring, state.rings,
         state.C, state.lam, state.A, state.step, lane_key, lengths, windows, offs, int(seed),
@@ -206,16 +222,17 @@ def segregated_train_example(W, b, Y, c, state, x_rate: Tensor, target: Tensor, 
 
 
 def segregated_test(W, b, Y, c, x_rate: Tensor, seed: int, lane_key: Tensor, params,
-                    original_quirks: bool = False) -> Tensor:
+                    original_quirks: bool = False, *, validate: bool = True) -> Tensor:
     """The test procedure, fused (G17 section 5.5; reference
     :func:`bpdl.functional.segregated.simulate_test`): every lane starts from zero state, runs
     ``params.test_steps`` steps and returns the output potentials averaged over the last
-    ``params.test_window`` steps (lanes, n_out)."""
-    _seg_check_rates(x_rate)
-    values, flags = _seg_lists(params, original_quirks)
-    need_test = [int(v) for v in params.spiking_populations(False)]
+    ``params.test_window`` steps (lanes, n_out). ``validate`` as for
+    :func:`segregated_train_example`."""
+    if validate:
+        _seg_check_rates(x_rate)
+    values, flags, _, need_test, kappa = _seg_static(params, x_rate.dtype, x_rate.device,
+                                                     original_quirks)
     cs = [] if (c is None or all(v is None for v in c)) else list(c)
-    kappa = params.kappa(x_rate.dtype, x_rate.device)
     return torch.ops.bpdl.segregated_test(list(W), list(b), list(Y), cs, x_rate, kappa, lane_key,
                                           int(seed), int(params.test_steps),
                                           int(params.test_window), values, flags, need_test)

@@ -300,13 +300,21 @@ class SegregatedDendrites(Learner):
         return flat.to(self.dtype) * self.params.lambda_max
 
     def _targets(self, y: Tensor) -> Tensor:
+        """Teaching signals (B, n_out): 1 for the neurons of each example's class, else 0."""
         classes = self.net.num_classes
         if y.dtype not in (torch.int64, torch.int32, torch.int16, torch.uint8):
             raise ConfigError(f"labels must be integer class indices, got {y.dtype}")
-        if y.numel() and (int(y.min()) < 0 or int(y.max()) >= classes):
-            raise ConfigError(f"labels must lie in [0, {classes - 1}]")
-        one_hot = nn.functional.one_hot(y.long(), classes).to(self.dtype)
-        return one_hot.repeat_interleave(self.params.neurons_per_class, dim=1)
+        if y.numel():
+            lo, hi = (int(v) for v in torch.aminmax(y))
+            if lo < 0 or hi >= classes:
+                raise ConfigError(f"labels must lie in [0, {classes - 1}], found [{lo}, {hi}]")
+        device = self.net.layers[0].weight.device
+        table = self.__dict__.get("_target_table")
+        if table is None or table.dtype != self.dtype or table.device != device:
+            eye = torch.eye(classes, dtype=self.dtype, device=device)
+            table = eye.repeat_interleave(self.params.neurons_per_class, dim=1)
+            self.__dict__["_target_table"] = table
+        return table[y.to(device=device, dtype=torch.int64)]
 
     # ---- the phase plan ---------------------------------------------------------------------------
     def phase_plan(self, example: Tensor, seed: int, shared: bool = False
@@ -334,6 +342,29 @@ class SegregatedDendrites(Learner):
         device = self.net.layers[0].weight.device
         return (lengths.to(device), windows.to(device),
                 None if offsets is None else [o.to(device) for o in offsets])
+
+    def _plan_slices(self, first: int, count: int, seed: int, device: torch.device
+                     ) -> tuple[Tensor, Tensor] | None:
+        """Phase lengths and windows (count, 2) of the consecutive examples first, first + 1,
+        ... as slices of a cached block of PLAN_BLOCK examples (the same values as
+        :meth:`phase_plan`, without per-batch work), or None where that shortcut does not apply
+        (random plateau times, or the range straddles two blocks)."""
+        p = self.params
+        block = first // PLAN_BLOCK
+        if p.random_plateaus or count <= 0 or (first + count - 1) // PLAN_BLOCK != block:
+            return None
+        cache = self.__dict__.setdefault("_plan_slices_cache", {})
+        key = (seed, block, device)
+        hit = cache.get(key)
+        if hit is None:
+            if len(cache) > 4:
+                cache.clear()
+            idx = torch.arange(block * PLAN_BLOCK, (block + 1) * PLAN_BLOCK, dtype=torch.int64)
+            lengths, windows, _ = self.phase_plan(idx, seed)
+            hit = (lengths.to(device), windows.to(device))
+            cache[key] = hit
+        lo = first - block * PLAN_BLOCK
+        return hit[0][lo:lo + count], hit[1][lo:lo + count]
 
     def _extensions(self, example: Tensor, seed: int) -> Tensor:
         """floor(Wald(2, 1)) extensions (B, 2) of the forward and target phase of each example,
@@ -364,41 +395,54 @@ class SegregatedDendrites(Learner):
     def simulate_example(self, state: seg.LaneState, x_rate: Tensor, target: Tensor,
                          lengths: Tensor, windows: Tensor, offsets: list[Tensor] | None,
                          seed: int, lane_key: Tensor, recorder=None,
-                         backend: str | None = None) -> seg.PhaseAverages:
-        """Forward and target phase in every lane of ``state`` (advanced in place)."""
+                         backend: str | None = None, validated: bool = False
+                         ) -> seg.PhaseAverages:
+        """Forward and target phase in every lane of ``state`` (advanced in place).
+        ``validated``: ``x_rate`` comes from :meth:`_rates` (checked there)."""
         W, b, Y, c = self._net_tensors()
         quirks = self.net.config.compat == "original"
         backend = backend or self.backend(x_rate.device)
         if backend == "kernels" and recorder is None:
             from bpdl import ops
+            checked = validated and self.params.lambda_max <= ops.MAX_POISSON_MEAN
             return ops.segregated_train_example(W, b, Y, c, state, x_rate, target, lengths,
                                                 windows, offsets, seed, lane_key, self.params,
-                                                original_quirks=quirks)
+                                                original_quirks=quirks, validate=not checked)
         return seg.simulate_training_example(W, b, Y, c, state, x_rate, target, lengths,
                                              windows, offsets, seed, lane_key, self.params,
                                              recorder=recorder, original_quirks=quirks)
 
     def test_potentials(self, x_rate: Tensor, seed: int | None = None,
-                        backend: str | None = None) -> Tensor:
-        """Averaged output potentials (B, n_out) of the test procedure, from zero state."""
+                        backend: str | None = None, validated: bool = False) -> Tensor:
+        """Averaged output potentials (B, n_out) of the test procedure, from zero state.
+        ``validated``: ``x_rate`` comes from :meth:`_rates` (checked there)."""
         W, b, Y, c = self._net_tensors()
         seed = self.test_seed if seed is None else seed
         quirks = self.net.config.compat == "original"
         backend = backend or self.backend(x_rate.device)
+        from bpdl import ops
+        checked = validated and self.params.lambda_max <= ops.MAX_POISSON_MEAN
         out = []
         for start in range(0, x_rate.shape[0], EVAL_CHUNK):
             chunk = x_rate[start:start + EVAL_CHUNK]
             keys = torch.arange(start, start + chunk.shape[0], device=chunk.device)
             if backend == "kernels":
-                from bpdl import ops
                 out.append(ops.segregated_test(W, b, Y, c, chunk, seed, keys, self.params,
-                                               original_quirks=quirks))
+                                               original_quirks=quirks, validate=not checked))
             else:
                 out.append(seg.simulate_test(W, b, Y, c, chunk, seed, keys, self.params,
                                              self.dtype, original_quirks=quirks))
         if not out:
             return x_rate.new_zeros(0, self.params.sizes[-1])
         return torch.cat(out)
+
+    def _lane_keys(self, n: int, device: torch.device) -> Tensor:
+        """The lane keys 0 .. n - 1 of the training lanes (cached: they never change)."""
+        keys = self.__dict__.get("_lane_key_cache")
+        if keys is None or keys.shape[0] < n or keys.device != device:
+            keys = torch.arange(max(n, DEFAULT_BATCH_SIZE), dtype=torch.int64, device=device)
+            self.__dict__["_lane_key_cache"] = keys
+        return keys[:n]
 
     def _ensure_lanes(self, n: int, device: torch.device) -> seg.LaneState:
         if self.lanes is None or self.lanes.lanes < n:
@@ -409,7 +453,7 @@ class SegregatedDendrites(Learner):
                 for dst, src in zip(fresh.tensors(), old.tensors(), strict=True):
                     dst[:k].copy_(src)
             self.lanes = fresh
-        return self.lanes.narrow(n)
+        return self.lanes if self.lanes.lanes == n else self.lanes.narrow(n)
 
     def plasticity(self, avg: seg.PhaseAverages, lanes: int, backend: str | None = None
                    ) -> tuple[list[dict[str, Tensor]], list[Tensor]]:
@@ -457,18 +501,23 @@ class SegregatedDendrites(Learner):
         device = x_rate.device
         state = self._ensure_lanes(B, device)
         first = int(self.examples_seen)
-        example = torch.arange(first, first + B, dtype=torch.int64)
-        lengths, windows, offsets = self.phase_plan(example, self.seed,
-                                                    shared=self.config.phase_lengths == "shared")
-        lane_key = torch.arange(B, dtype=torch.int64, device=device)
+        shared = self.config.phase_lengths == "shared"
+        plan = None if shared else self._plan_slices(first, B, self.seed, device)
+        if plan is not None:
+            (lengths, windows), offsets = plan, None
+        else:
+            example = torch.arange(first, first + B, dtype=torch.int64)
+            lengths, windows, offsets = self.phase_plan(example, self.seed, shared=shared)
+        lane_key = self._lane_keys(B, device)
         avg = self.simulate_example(state, x_rate, target, lengths, windows, offsets, self.seed,
-                                    lane_key)
+                                    lane_key, validated=True)
         grads, _ = self.plasticity(avg, B)
         net = self.net
-        for m, g in enumerate(grads):
-            net.layers[m].weight.grad = g["W"].to(net.layers[m].weight.dtype)
-            net.layers[m].bias.grad = g["b"].to(net.layers[m].bias.dtype)
-            if "Y" in g:
+        for layer, g in zip(net.layers, grads, strict=True):
+            layer.weight.grad = g["W"].to(layer.weight.dtype)
+            layer.bias.grad = g["b"].to(layer.bias.dtype)
+        if net.config.learn_feedback:
+            for m, g in enumerate(grads[:-1]):
                 net.feedback[m].grad = g["Y"].to(net.feedback[m].dtype)
                 if net.feedback_bias[m] is not None:
                     net.feedback_bias[m].grad = g["c"].to(net.feedback_bias[m].dtype)
@@ -488,7 +537,7 @@ class SegregatedDendrites(Learner):
     @torch.no_grad()
     def predict(self, x: Tensor) -> Tensor:
         x_rate = self._rates(x)
-        C_bar = self.test_potentials(x_rate)
+        C_bar = self.test_potentials(x_rate, validated=True)
         return seg.class_scores(C_bar, self.params.neurons_per_class).to(torch.float32)
 
     # ---- analysis -----------------------------------------------------------------------------
