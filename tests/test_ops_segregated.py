@@ -224,6 +224,37 @@ def test_train_example_float_dtypes(device, dtype):
     _assert_avg_close(a, k, dtype)
 
 
+@pytest.mark.parametrize("isa", ["base", "avx2", "avx512"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_every_cpu_instruction_set_matches_reference(monkeypatch, isa, dtype):
+    """The CPU kernels are compiled for x86-64, AVX2 and AVX-512 and pick the widest the CPU has;
+    BPDL_CPU_ISA caps the choice, so each path is compared with the reference here (a cap above
+    what the CPU has runs the widest available path). Layers of 70 and 37 units cover the
+    vector groups of 16 and 8 and the scalar remainders; rates up to 1.5 spikes per step make
+    draws of two and more spikes and the exact inversion common."""
+    monkeypatch.setenv("BPDL_CPU_ISA", isa)
+    p = seg.SimParams(sizes=(100, 70, 37, 10), forward_steps=30, target_steps=30, window=10,
+                      lambda_max=1.5, test_steps=40, test_window=20)
+    B = 4
+    W, b, Y, c = _net(p.sizes, dtype, "cpu")
+    x = _inputs(B, p.sizes[0], dtype, "cpu") * 7.5
+    target = torch.nn.functional.one_hot(torch.tensor([0, 1, 2, 9]), 10).to(dtype)
+    lengths = torch.tensor([[30, 30], [31, 33], [35, 30], [30, 41]])
+    keys = torch.arange(B)
+    ref = seg.LaneState.zeros(B, p, dtype, "cpu")
+    ker = seg.LaneState.zeros(B, p, dtype, "cpu")
+    for _example in range(2):
+        a = seg.simulate_training_example(W, b, Y, c, ref, x, target, lengths,
+                                          p.windows(lengths), None, 9, keys, p)
+        k = ops.segregated_train_example(W, b, Y, c, ker, x, target, lengths, p.windows(lengths),
+                                         None, 9, keys, p)
+        _assert_state_equal(ref, ker, dtype)
+        _assert_avg_close(a, k, dtype)
+    assert int((ker.rings[0] >= 3).sum()) > 0  # many-spike draws happened
+    torch.testing.assert_close(ops.segregated_test(W, b, Y, c, x, 4, keys, p),
+                               seg.simulate_test(W, b, Y, c, x, 4, keys, p, dtype), **TOL[dtype])
+
+
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("config", ["default", "rate_mode", "apical_soma_bias", "layerwise_two_hidden"])
 def test_test_procedure_matches_reference(device, config):

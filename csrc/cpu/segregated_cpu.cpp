@@ -23,7 +23,7 @@
 #include "bpdl/segregated_checks.h"
 #include "bpdl/segregated_host.h"
 
-#include "bpdl/cpu_avx2.h"
+#include "bpdl/cpu_isa.h"
 
 namespace bpdl {
 namespace {
@@ -37,6 +37,7 @@ struct Net {
   int taps = 0;
   std::vector<int64_t> n;  // n[0] inputs, n[m + 1] units of layer m
   std::vector<const T*> W, WT, b, Y, c;
+  std::vector<int64_t> ldWT;  // row stride of WT[m]
   std::vector<int64_t> nfb;
   std::vector<int> src;
   std::vector<T> kappa;
@@ -51,7 +52,7 @@ struct Net {
 }  // namespace
 }  // namespace bpdl
 
-// ---- the simulation loops, twice ----------------------------------------------------------------
+// ---- the simulation loops, once per instruction set ----------------------------------------------------------------
 // Without trapping math, compilers turn the branchy clamps of the math into vector min/max;
 // the values computed are the same.
 #pragma GCC push_options
@@ -81,6 +82,45 @@ namespace {
 #pragma GCC pop_options
 #endif
 
+// AVX-512: the same source (with its AVX2 intrinsics) compiled for 512-bit vectors, which the
+// plain loops (filter, somata, rates, event sums) then use: twice the work per instruction on
+// CPUs with full-width AVX-512 units.
+#if defined(BPDL_HAVE_AVX512_BUILD)
+#pragma GCC push_options
+#pragma GCC target("avx512f,avx512vl,avx512bw,avx512dq,avx2,fma,popcnt,prefer-vector-width=512")
+#pragma GCC optimize("no-trapping-math")
+namespace bpdl {
+namespace {
+#define BPDL_SEG_IMPL_NS impl_avx512
+#define BPDL_SEG_IMPL_AVX2 1
+#define BPDL_SEG_IMPL_AVX512 1
+#include "segregated_cpu_impl.h"
+#undef BPDL_SEG_IMPL_AVX512
+#undef BPDL_SEG_IMPL_AVX2
+#undef BPDL_SEG_IMPL_NS
+}  // namespace
+}  // namespace bpdl
+#pragma GCC pop_options
+#endif
+
+namespace bpdl {
+namespace {
+
+// Calls f with the Isa type (segregated_cpu_impl.h) of the widest instruction set the CPU has.
+template <typename F>
+void with_best_isa(F&& f) {
+#if defined(BPDL_HAVE_AVX512_BUILD)
+  if (cpu_has_avx512()) return f(impl_avx512::Isa{});
+#endif
+#if defined(BPDL_HAVE_AVX2_BUILD)
+  if (cpu_has_avx2_fma()) return f(impl_avx2::Isa{});
+#endif
+  f(impl_base::Isa{});
+}
+
+}  // namespace
+}  // namespace bpdl
+
 namespace bpdl {
 namespace {
 
@@ -100,6 +140,7 @@ Net<T> make_net(const std::vector<at::Tensor>& W, const std::vector<at::Tensor>&
   for (int m = 0; m < net.M; ++m) {
     net.W.push_back(W[m].const_data_ptr<T>());
     net.WT.push_back(WT.empty() ? nullptr : WT[m].const_data_ptr<T>());
+    net.ldWT.push_back(WT.empty() ? 0 : WT[m].stride(0));
     net.b.push_back(b[m].const_data_ptr<T>());
   }
   const bool broadcast = flags[kBroadcast] != 0;
@@ -124,7 +165,7 @@ Net<T> make_net(const std::vector<at::Tensor>& W, const std::vector<at::Tensor>&
   return net;
 }
 
-// W^T as contiguous (in, out) matrices, so that the event-driven basal input reads W's columns
+// W^T as (in, out) matrices with padded rows, so that the event-driven basal input reads W's columns
 // as rows. Runs once per minibatch on the largest matrices, so two things matter: a 32x32-tiled
 // copy whose inner loop writes contiguously (ATen's strided copy of w.t() is several times
 // slower), and a destination that is not a fresh allocation each time: the pages of a new
@@ -132,19 +173,28 @@ Net<T> make_net(const std::vector<at::Tensor>& W, const std::vector<at::Tensor>&
 // live in a workspace owned by the calling thread and reused by its next call; the returned
 // tensors are views of it, valid until that thread's next call (they never leave the op).
 std::vector<at::Tensor> transposed_all(const std::vector<at::Tensor>& W) {
-  thread_local std::vector<double> workspace;  // doubles: 8-byte alignment for every dtype
-  std::vector<int64_t> offsets;
-  int64_t total = 0;  // in doubles
+  // rows padded to whole 64-byte lines and starting on one: the event-driven gathers then read
+  // no line split across two rows
+  constexpr int64_t kLine = 64;
+  thread_local std::vector<double> workspace;
+  std::vector<int64_t> offsets, strides;  // bytes, elements
+  int64_t total = 0;  // bytes
   for (const auto& w : W) {
+    const int64_t esz = w.element_size();
+    const int64_t ld = (w.size(0) * esz + kLine - 1) / kLine * kLine / esz;
     offsets.push_back(total);
-    total += (w.numel() * static_cast<int64_t>(w.element_size()) + 63) / 8 / 8 * 8 + 8;
+    strides.push_back(ld);
+    total += w.size(1) * ld * esz;
   }
-  if (static_cast<int64_t>(workspace.size()) < total) workspace.resize(total);
+  const int64_t doubles = (total + kLine) / 8 + 1;
+  if (static_cast<int64_t>(workspace.size()) < doubles) workspace.resize(doubles);
+  const auto raw = reinterpret_cast<uintptr_t>(workspace.data());
+  char* base = reinterpret_cast<char*>((raw + kLine - 1) / kLine * kLine);
   std::vector<at::Tensor> out;
   for (size_t k = 0; k < W.size(); ++k) {
     const at::Tensor src = W[k].contiguous();
-    const int64_t rows = src.size(0), cols = src.size(1);
-    at::Tensor dst = at::from_blob(workspace.data() + offsets[k], {cols, rows}, src.options());
+    const int64_t rows = src.size(0), cols = src.size(1), ld = strides[k];
+    at::Tensor dst = at::from_blob(base + offsets[k], {cols, rows}, {ld, 1}, src.options());
     AT_DISPATCH_FLOATING_TYPES(src.scalar_type(), "segregated_transpose", [&] {
       const scalar_t* a = src.const_data_ptr<scalar_t>();
       scalar_t* o = dst.mutable_data_ptr<scalar_t>();
@@ -155,7 +205,7 @@ std::vector<at::Tensor> transposed_all(const std::vector<at::Tensor>& W) {
           for (int64_t i0 = 0; i0 < rows; i0 += kTile) {
             const int64_t i1 = std::min(rows, i0 + kTile);
             for (int64_t j = j0; j < j1; ++j)
-              for (int64_t i = i0; i < i1; ++i) o[j * rows + i] = a[i * cols + j];
+              for (int64_t i = i0; i < i1; ++i) o[j * ld + i] = a[i * cols + j];
           }
         }
       });
@@ -166,128 +216,6 @@ std::vector<at::Tensor> transposed_all(const std::vector<at::Tensor>& W) {
 }
 
 // ---- fused training example -----------------------------------------------------------------------
-
-template <typename T, typename Impl>
-void train_lanes(const Net<T>& net, std::atomic<int64_t>& next, int64_t B, const T* x_rate,
-                 const T* target,
-                 const at::Tensor& B0const, int8_t* in_ring, std::vector<int8_t*>& rings,
-                 std::vector<T*>& C, std::vector<T*>& lam, std::vector<T*>& A, int64_t* step,
-                 const int64_t* lane_key, const int64_t* lengths, const int64_t* windows,
-                 const std::vector<const int64_t*>& offsets, std::vector<T*>& out) {
-  const int M = net.M;
-  const int H = M - 1;
-  typename Impl::template Scratch<T> s(net);
-  const int taps = net.taps;
-  // lanes are handed out one at a time: their random phase lengths differ
-  for (int64_t bl = next.fetch_add(1); bl < B; bl = next.fetch_add(1)) {
-    typename Impl::template LanePtrs<T> lp;
-    lp.in_ring = in_ring + bl * taps * net.n[0];
-    for (int m = 0; m < M; ++m) {
-      lp.rings.push_back(rings[m] + bl * taps * net.n[m + 1]);
-      lp.C.push_back(C[m] + bl * net.n[m + 1]);
-      lp.lam.push_back(lam[m] + bl * net.n[m + 1]);
-      lp.A.push_back(m < H ? A[m] + bl * net.n[m + 1] : nullptr);
-    }
-    lp.step = step + bl;
-    lp.lane_key = lane_key[bl];
-    const T* x = x_rate + bl * net.n[0];
-    const T* teach = target + bl * net.n[M];
-    const T* b0 = B0const.defined() ? B0const.const_data_ptr<T>() + bl * net.n[1] : nullptr;
-    Impl::input_groups(net, s, x);
-    Impl::rebuild_R(net, s, lp);
-    for (int phase = 0; phase < 2; ++phase) {
-      const int64_t length = lengths[2 * bl + phase];
-      const int64_t window = windows[2 * bl + phase];
-      Impl::run_phase(net, s, lp, x, teach, b0, length, window,
-                      static_cast<const int64_t*>(nullptr), phase);
-      const T inv = T(1) / static_cast<T>(window);
-      // outputs: C_f C_t lam_f lam_t P_f (M each), A_f A_t Q_f (H each)
-      for (int m = 0; m < M; ++m) {
-        const int64_t nm = net.n[m + 1];
-        T* Cout = out[(phase == 0 ? 0 : 1) * M + m] + bl * nm;
-        T* Lout = out[(phase == 0 ? 2 : 3) * M + m] + bl * nm;
-        for (int64_t j = 0; j < nm; ++j) {
-          Cout[j] = s.Csum[m][j] * inv;
-          Lout[j] = s.lamsum[m][j] * inv;
-        }
-        if (phase == 0) {
-          T* Pout = out[4 * M + m] + bl * net.n[m];
-          for (int64_t i = 0; i < net.n[m]; ++i) Pout[i] = s.Psum[m][i] * inv;
-        }
-      }
-      for (int m = 0; m < H; ++m) {
-        const int64_t nm = net.n[m + 1];
-        const int64_t* off = offsets.empty() ? nullptr : offsets[m] + (2 * bl + phase) * nm;
-        T* Aout = out[5 * M + (phase == 0 ? 0 : H) + m] + bl * nm;
-        Impl::apical_average(net, s, m, window, off, Aout);
-        if (phase == 0) {
-          T* Qout = out[5 * M + 2 * H + m] + bl * net.nfb[m];
-          for (int64_t i = 0; i < net.nfb[m]; ++i) Qout[i] = s.Qsum[m][i] * inv;
-        }
-      }
-    }
-    // The apical potential is state: its value at the lane's last step (computed every step
-    // only when it reaches the soma).
-    if (!net.apical_soma) {
-      for (int m = 0; m < H; ++m)
-        Impl::matvec(lp.A[m], net.c[m], net.Y[m], s.qlast[m].data(), net.n[m + 1], net.nfb[m]);
-    }
-  }
-}
-
-struct BaseImpl {
-  template <typename T> using Scratch = impl_base::Scratch<T>;
-  template <typename T> using LanePtrs = impl_base::LanePtrs<T>;
-  template <typename T> static void input_groups(const Net<T>& n, Scratch<T>& s, const T* x) {
-    impl_base::input_groups(n, s, x);
-  }
-  template <typename T> static void rebuild_R(const Net<T>& n, Scratch<T>& s, const LanePtrs<T>& lp) {
-    impl_base::rebuild_R(n, s, lp);
-  }
-  template <typename T>
-  static void run_phase(const Net<T>& n, Scratch<T>& s, LanePtrs<T>& lp, const T* x,
-                        const T* teach, const T* b0, int64_t L, int64_t W, const int64_t* off,
-                        int phase) {
-    impl_base::run_phase(n, s, lp, x, teach, b0, L, W, off, phase);
-  }
-  template <typename T>
-  static void apical_average(const Net<T>& n, const Scratch<T>& s, int m, int64_t W,
-                             const int64_t* off, T* out) {
-    impl_base::apical_average(n, s, m, W, off, out);
-  }
-  template <typename T>
-  static void matvec(T* out, const T* bias, const T* M, const T* v, int64_t r, int64_t c) {
-    impl_base::matvec(out, bias, M, v, r, c);
-  }
-};
-
-#if defined(BPDL_HAVE_AVX2_BUILD)
-struct Avx2Impl {
-  template <typename T> using Scratch = impl_avx2::Scratch<T>;
-  template <typename T> using LanePtrs = impl_avx2::LanePtrs<T>;
-  template <typename T> static void input_groups(const Net<T>& n, Scratch<T>& s, const T* x) {
-    impl_avx2::input_groups(n, s, x);
-  }
-  template <typename T> static void rebuild_R(const Net<T>& n, Scratch<T>& s, const LanePtrs<T>& lp) {
-    impl_avx2::rebuild_R(n, s, lp);
-  }
-  template <typename T>
-  static void run_phase(const Net<T>& n, Scratch<T>& s, LanePtrs<T>& lp, const T* x,
-                        const T* teach, const T* b0, int64_t L, int64_t W, const int64_t* off,
-                        int phase) {
-    impl_avx2::run_phase(n, s, lp, x, teach, b0, L, W, off, phase);
-  }
-  template <typename T>
-  static void apical_average(const Net<T>& n, const Scratch<T>& s, int m, int64_t W,
-                             const int64_t* off, T* out) {
-    impl_avx2::apical_average(n, s, m, W, off, out);
-  }
-  template <typename T>
-  static void matvec(T* out, const T* bias, const T* M, const T* v, int64_t r, int64_t c) {
-    impl_avx2::matvec(out, bias, M, v, r, c);
-  }
-};
-#endif
 
 std::vector<at::Tensor> train_example_cpu(
     at::TensorList W_, at::TensorList b_, at::TensorList Y_, at::TensorList c_,
@@ -337,54 +265,16 @@ std::vector<at::Tensor> train_example_cpu(
     at::parallel_for(0, workers, 1, [&](int64_t, int64_t) {
       std::vector<int8_t*> rp = ring_p;
       std::vector<T*> cp = C_p, lp = lam_p, ap = A_p, op = out_p;
-#if defined(BPDL_HAVE_AVX2_BUILD)
-      if (cpu_has_avx2_fma()) {
-        train_lanes<T, Avx2Impl>(net, next, B, x_p, t_p, B0const, in_ring_p, rp, cp, lp, ap,
-                                 step_p, key_p, len_p, win_p, off_p, op);
-        return;
-      }
-#endif
-      train_lanes<T, BaseImpl>(net, next, B, x_p, t_p, B0const, in_ring_p, rp, cp, lp, ap, step_p,
-                               key_p, len_p, win_p, off_p, op);
+      with_best_isa([&](auto isa) {
+        decltype(isa)::template train<T>(net, next, B, x_p, t_p, B0const, in_ring_p, rp, cp, lp,
+                                         ap, step_p, key_p, len_p, win_p, off_p, op);
+      });
     });
   });
   return out;
 }
 
 // ---- fused test procedure ---------------------------------------------------------------------------
-
-template <typename T, typename Impl>
-void test_lanes(const Net<T>& net, std::atomic<int64_t>& next, int64_t B, const T* x_rate,
-                const at::Tensor& B0const, const int64_t* lane_key, int64_t steps, int64_t window,
-                T* out) {
-  const int M = net.M;
-  typename Impl::template Scratch<T> s(net);
-  s.alloc_state(net);
-  const int64_t n_out = net.n[M];
-  for (int64_t bl = next.fetch_add(1); bl < B; bl = next.fetch_add(1)) {
-    s.zero_state();
-    int64_t step = 0;
-    typename Impl::template LanePtrs<T> lp;
-    lp.in_ring = s.in_ring.data();
-    for (int m = 0; m < M; ++m) {
-      lp.rings.push_back(s.rings[m].data());
-      lp.C.push_back(s.C[m].data());
-      lp.lam.push_back(s.lam[m].data());
-      lp.A.push_back(s.A[m].data());
-    }
-    lp.step = &step;
-    lp.lane_key = lane_key[bl];
-    const T* x = x_rate + bl * net.n[0];
-    const T* b0 = B0const.defined() ? B0const.const_data_ptr<T>() + bl * net.n[1] : nullptr;
-    Impl::input_groups(net, s, x);
-    if (net.spiking_ff)
-      for (auto& r : s.R) std::fill(r.begin(), r.end(), T(0));
-    Impl::run_phase(net, s, lp, x, static_cast<const T*>(nullptr), b0, steps, window,
-                    static_cast<const int64_t*>(nullptr), 2);
-    const T inv = T(1) / static_cast<T>(window);
-    for (int64_t j = 0; j < n_out; ++j) out[bl * n_out + j] = s.Csum[M - 1][j] * inv;
-  }
-}
 
 at::Tensor test_cpu(at::TensorList W_, at::TensorList b_, at::TensorList Y_, at::TensorList c_,
                     const at::Tensor& x_rate_, const at::Tensor& kappa,
@@ -410,13 +300,9 @@ at::Tensor test_cpu(at::TensorList W_, at::TensorList b_, at::TensorList Y_, at:
     std::atomic<int64_t> next{0};
     const int64_t workers = std::min<int64_t>(at::get_num_threads(), B);
     at::parallel_for(0, workers, 1, [&](int64_t, int64_t) {
-#if defined(BPDL_HAVE_AVX2_BUILD)
-      if (cpu_has_avx2_fma()) {
-        test_lanes<T, Avx2Impl>(net, next, B, x_p, B0const, key_p, steps, window, out_p);
-        return;
-      }
-#endif
-      test_lanes<T, BaseImpl>(net, next, B, x_p, B0const, key_p, steps, window, out_p);
+      with_best_isa([&](auto isa) {
+        decltype(isa)::template test<T>(net, next, B, x_p, B0const, key_p, steps, window, out_p);
+      });
     });
   });
   return out;

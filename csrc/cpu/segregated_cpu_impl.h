@@ -24,32 +24,48 @@ using namespace ::bpdl::seg;  // parameter and flag indices
 // for this instruction set so that they inline into the loops below.
 #include "bpdl/segregated_math.inc"
 
+#if defined(BPDL_SEG_IMPL_AVX512)
+constexpr int kPhiloxBatch = 32;  // Philox blocks per call of the vector generator
+#else
+constexpr int kPhiloxBatch = 16;
+#endif
+
 // ---- Philox blocks for consecutive spike groups ------------------------------------------------
 
 #if defined(BPDL_SEG_IMPL_AVX2)
 #include "bpdl/philox_avx2.inc"
 #endif
+#if defined(BPDL_SEG_IMPL_AVX512)
+#include "bpdl/philox_avx512.inc"
+#endif
 
 // out[4 i + w] = word w of the Philox block of group `groups[i]` (or g0 + i when groups is null).
-// The AVX2 build fills whole batches of 16 blocks: `out` must have room for n rounded up to 16.
+// The vector builds fill whole batches of 16 (AVX2) or 32 (AVX-512) blocks: `out` must have room
+// for n rounded up to 32 blocks.
 inline void philox_groups(uint64_t seed, int64_t lane_key, const int64_t* groups, int64_t g0,
                           int64_t n, uint64_t step, uint32_t stream, uint32_t* out) {
   int64_t i = 0;
 #if defined(BPDL_SEG_IMPL_AVX2)
+  constexpr int kBatch = kPhiloxBatch;
   const uint64_t base = (static_cast<uint64_t>(lane_key) << kLaneShift);
-  alignas(32) uint32_t lo[16], hi[16];
-  for (; i < n; i += 16) {
-    for (int j = 0; j < 16; ++j) {
+  alignas(64) uint32_t lo[kBatch], hi[kBatch];
+  for (; i < n; i += kBatch) {
+    for (int j = 0; j < kBatch; ++j) {
       const int64_t k = i + j < n ? i + j : n - 1;  // padding repeats the last block
       const uint64_t g = base + static_cast<uint64_t>(groups ? groups[k] : g0 + k);
       lo[j] = static_cast<uint32_t>(g);
       hi[j] = static_cast<uint32_t>(g >> 32);
     }
+#if defined(BPDL_SEG_IMPL_AVX512)
+    philox32(_mm512_load_si512(lo), _mm512_load_si512(hi), _mm512_load_si512(lo + 16),
+             _mm512_load_si512(hi + 16), static_cast<uint32_t>(step), stream, seed, out + 4 * i);
+#else
     philox16(_mm256_load_si256(reinterpret_cast<const __m256i*>(lo)),
              _mm256_load_si256(reinterpret_cast<const __m256i*>(hi)),
              _mm256_load_si256(reinterpret_cast<const __m256i*>(lo + 8)),
              _mm256_load_si256(reinterpret_cast<const __m256i*>(hi + 8)),
              static_cast<uint32_t>(step), stream, seed, out + 4 * i);
+#endif
   }
 #endif
   for (; i < n; ++i) {
@@ -150,22 +166,33 @@ inline void matvec(T* __restrict__ out, const T* bias, const T* __restrict__ M,
   }
 }
 
-// Sum of W's columns weighted by spike counts: out = sum_e cnt_e WT[idx_e, :], four events per
-// pass over the output.
+// Sum of W's columns weighted by spike counts: out = sum_e cnt_e WT[idx_e, :] (rows `ld` apart),
+// eight events per pass over the output, then four, then one.
 template <typename T>
-inline void gather_rows(T* __restrict__ out, const T* __restrict__ WT, const int32_t* idx,
-                        const int8_t* cnt, int64_t events, int64_t n) {
+inline void gather_rows(T* __restrict__ out, const T* __restrict__ WT, int64_t ld,
+                        const int32_t* idx, const int8_t* cnt, int64_t events, int64_t n) {
   for (int64_t j = 0; j < n; ++j) out[j] = T(0);
   int64_t e = 0;
+  for (; e + 8 <= events; e += 8) {
+    const T* r[8];
+    T c[8];
+    for (int k = 0; k < 8; ++k) {
+      r[k] = WT + idx[e + k] * ld;
+      c[k] = cnt[e + k];
+    }
+    for (int64_t j = 0; j < n; ++j)
+      out[j] += ((c[0] * r[0][j] + c[1] * r[1][j]) + (c[2] * r[2][j] + c[3] * r[3][j])) +
+                ((c[4] * r[4][j] + c[5] * r[5][j]) + (c[6] * r[6][j] + c[7] * r[7][j]));
+  }
   for (; e + 4 <= events; e += 4) {
-    const T* r0 = WT + idx[e] * n;
-    const T* r1 = WT + idx[e + 1] * n;
-    const T* r2 = WT + idx[e + 2] * n;
-    const T* r3 = WT + idx[e + 3] * n;
+    const T* r0 = WT + idx[e] * ld;
+    const T* r1 = WT + idx[e + 1] * ld;
+    const T* r2 = WT + idx[e + 2] * ld;
+    const T* r3 = WT + idx[e + 3] * ld;
     const T c0 = cnt[e], c1 = cnt[e + 1], c2 = cnt[e + 2], c3 = cnt[e + 3];
     for (int64_t j = 0; j < n; ++j) out[j] += c0 * r0[j] + c1 * r1[j] + c2 * r2[j] + c3 * r3[j];
   }
-  for (; e < events; ++e) axpy(out, static_cast<T>(cnt[e]), WT + idx[e] * n, n);
+  for (; e < events; ++e) axpy(out, static_cast<T>(cnt[e]), WT + idx[e] * ld, n);
 }
 
 // Poisson count of mean `lambda` for the uniform of word `w`, knowing e^-lambda to ~1e-7
@@ -225,7 +252,8 @@ struct PackTable {
 // reference's. The AVX2 build decides eight draws at a time and appends the events of a group of
 // eight without branching on its individual draws (a left-packing permutation of the group's
 // indices and counts); only a group with a draw that needs the exact inversion, rare, takes the
-// per-draw path. `ev_idx` and `ev_cnt` need room for 8 entries beyond the last event.
+// per-draw path; the AVX-512 build does the same sixteen draws at a time with a register
+// compress. `ev_idx` and `ev_cnt` need room for 16 entries beyond the last event.
 template <typename T>
 inline int64_t counts_from_words(const uint32_t* __restrict__ words, const T* __restrict__ lam,
                                  const float* __restrict__ e_neg, int64_t m,
@@ -235,13 +263,73 @@ inline int64_t counts_from_words(const uint32_t* __restrict__ words, const T* __
   (void)scratch;
   for (int64_t j = 0; j < n; ++j) slot[j] = 0;
   int64_t events = 0;
+  // Without idx, draw i is neuron i: the vector paths store a group's counts straight into the
+  // slot; with idx, the slot is filled from the event list at the end.
+  const bool direct = idx == nullptr;
   auto emit = [&](int64_t i, int k) {
     if (!k) return;
-    ev_idx[events] = static_cast<int32_t>(idx ? idx[i] : i);
+    const int64_t j = direct ? i : idx[i];
+    if (direct) slot[j] = static_cast<int8_t>(k);
+    ev_idx[events] = static_cast<int32_t>(j);
     ev_cnt[events] = static_cast<int8_t>(k);
     ++events;
   };
   int64_t i0 = 0;
+#if defined(BPDL_SEG_IMPL_AVX512)
+  {  // sixteen draws at a time; the events of a group are packed with a register compress
+    const __m512 scale = _mm512_set1_ps(4.656612873077393e-10f);
+    const __m512 d = _mm512_set1_ps(2e-6f);
+    const __m512 neg_d = _mm512_set1_ps(-2e-6f);
+    const __m512 half = _mm512_set1_ps(0.5f);
+    const __m512i iota = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+    const __m512i one = _mm512_set1_epi32(1);
+    for (; i0 + 16 <= m; i0 += 16) {
+      const __m512i wv = _mm512_srli_epi32(_mm512_loadu_si512(words + i0), 1);
+      const __m512 u = _mm512_mul_ps(_mm512_cvtepi32_ps(wv), scale);
+      const __m512 e = _mm512_loadu_ps(e_neg + i0);
+      __m512 l;
+      if constexpr (sizeof(T) == 4) {
+        l = _mm512_loadu_ps(reinterpret_cast<const float*>(lam) + i0);
+      } else {
+        const __m256 lo = _mm512_cvtpd_ps(_mm512_loadu_pd(reinterpret_cast<const double*>(lam) + i0));
+        const __m256 hi = _mm512_cvtpd_ps(_mm512_loadu_pd(reinterpret_cast<const double*>(lam) + i0 + 8));
+        l = _mm512_insertf32x8(_mm512_castps256_ps512(lo), hi, 1);
+      }
+      const __m512 el = _mm512_mul_ps(e, l);
+      const __m512 c1 = _mm512_add_ps(e, el);
+      const __m512 c2 = _mm512_add_ps(c1, _mm512_mul_ps(_mm512_mul_ps(el, l), half));
+      const __mmask16 gt0 = _mm512_cmp_ps_mask(u, e, _CMP_GT_OQ);
+      const __mmask16 gt1 = _mm512_cmp_ps_mask(u, c1, _CMP_GT_OQ);
+      const __mmask16 exact = static_cast<__mmask16>(
+          _mm512_cmp_ps_mask(_mm512_abs_ps(_mm512_sub_ps(u, e)), d, _CMP_LE_OQ) |
+          _mm512_cmp_ps_mask(_mm512_abs_ps(_mm512_sub_ps(u, c1)), d, _CMP_LE_OQ) |
+          _mm512_cmp_ps_mask(_mm512_sub_ps(u, c2), neg_d, _CMP_GE_OQ));
+      if (exact) [[unlikely]] {  // per draw, with the exact inversion where it is needed
+        unsigned spikes = static_cast<unsigned>(gt0 | exact);
+        while (spikes) {
+          const int b = __builtin_ctz(spikes);
+          spikes &= spikes - 1;
+          const int64_t i = i0 + b;
+          const int k = ((exact >> b) & 1u)
+                            ? spike_count(unit_u32(words[i]), static_cast<double>(lam[i]))
+                            : 1 + static_cast<int>((gt1 >> b) & 1u);
+          emit(i, k);
+        }
+        continue;
+      }
+      const __m512i cnt = _mm512_add_epi32(_mm512_maskz_mov_epi32(gt0, one),
+                                           _mm512_maskz_mov_epi32(gt1, one));
+      if (direct)
+        _mm_storeu_si128(reinterpret_cast<__m128i*>(slot + i0), _mm512_cvtepi32_epi8(cnt));
+      const __m512i ids = idx ? _mm512_loadu_si512(idx + i0)
+                              : _mm512_add_epi32(iota, _mm512_set1_epi32(static_cast<int>(i0)));
+      _mm512_storeu_si512(ev_idx + events, _mm512_maskz_compress_epi32(gt0, ids));
+      _mm_storeu_si128(reinterpret_cast<__m128i*>(ev_cnt + events),
+                       _mm512_cvtepi32_epi8(_mm512_maskz_compress_epi32(gt0, cnt)));
+      events += __builtin_popcount(static_cast<unsigned>(gt0));
+    }
+  }
+#endif
 #if defined(BPDL_SEG_IMPL_AVX2)
   static const PackTable pack;
   const __m256 scale = _mm256_set1_ps(4.656612873077393e-10f);
@@ -303,9 +391,16 @@ inline int64_t counts_from_words(const uint32_t* __restrict__ words, const T* __
                             : _mm256_add_epi32(iota, _mm256_set1_epi32(static_cast<int>(i0)));
     _mm256_storeu_si256(reinterpret_cast<__m256i*>(ev_idx + events),
                         _mm256_permutevar8x32_epi32(ids, perm));
-    const __m256i cb = _mm256_shuffle_epi8(_mm256_permutevar8x32_epi32(cnt, perm), low_bytes);
-    const uint64_t bytes = static_cast<uint32_t>(_mm256_cvtsi256_si32(cb)) |
-                           (static_cast<uint64_t>(static_cast<uint32_t>(_mm256_extract_epi32(cb, 4))) << 32);
+    auto low_bytes_of = [&](__m256i v) {  // the low byte of each 32-bit lane, in order
+      const __m256i b = _mm256_shuffle_epi8(v, low_bytes);
+      return static_cast<uint64_t>(static_cast<uint32_t>(_mm256_cvtsi256_si32(b))) |
+             (static_cast<uint64_t>(static_cast<uint32_t>(_mm256_extract_epi32(b, 4))) << 32);
+    };
+    if (direct) {
+      const uint64_t counts = low_bytes_of(cnt);
+      __builtin_memcpy(slot + i0, &counts, sizeof(counts));
+    }
+    const uint64_t bytes = low_bytes_of(_mm256_permutevar8x32_epi32(cnt, perm));
     __builtin_memcpy(ev_cnt + events, &bytes, sizeof(bytes));
     events += pack.count[spikes];
   }
@@ -314,7 +409,8 @@ inline int64_t counts_from_words(const uint32_t* __restrict__ words, const T* __
     const float u = static_cast<float>(static_cast<int32_t>(words[i0] >> 1)) * 4.656612873077393e-10f;
     if (u + 1e-6f > e_neg[i0]) emit(i0, count_from_word(words[i0], static_cast<double>(lam[i0]), e_neg[i0]));
   }
-  for (int64_t k = 0; k < events; ++k) slot[ev_idx[k]] = ev_cnt[k];
+  if (!direct)
+    for (int64_t k = 0; k < events; ++k) slot[ev_idx[k]] = ev_cnt[k];
   return events;
 }
 
@@ -384,9 +480,9 @@ struct Scratch {
     ev_idx.assign(M + 1, std::vector<int32_t>());
     ev_cnt.assign(M + 1, std::vector<int8_t>());
     ev_n.assign(M + 1, 0);
-    for (int p = 0; p <= M; ++p) {  // + 8: counts_from_words stores whole groups of eight
-      ev_idx[p].resize(net.n[p] + 8);
-      ev_cnt[p].resize(net.n[p] + 8);
+    for (int p = 0; p <= M; ++p) {  // + 16: counts_from_words stores whole groups of 8 or 16
+      ev_idx[p].resize(net.n[p] + 16);
+      ev_cnt[p].resize(net.n[p] + 16);
     }
     words.resize(4 * ((widest + 3) / 4) + 128);
     in_groups.resize((net.n[0] + 3) / 4);
@@ -492,7 +588,7 @@ void run_phase(const Net<T>& net, Scratch<T>& s, LanePtrs<T>& lp, const T* x, co
       s.ev_n[0] = counts_from_words(s.words.data(), s.in_lam.data(), s.in_e.data(),
                                     4 * s.in_groups_n, s.in_idx.data(), net.n[0], ring_slot,
                                     s.ev_idx[0].data(), s.ev_cnt[0].data(), s.cand.data());
-      gather_rows(s.R[0].data() + slot * net.n[1], net.WT[0], s.ev_idx[0].data(),
+      gather_rows(s.R[0].data() + slot * net.n[1], net.WT[0], net.ldWT[0], s.ev_idx[0].data(),
                   s.ev_cnt[0].data(), s.ev_n[0], net.n[1]);
       if (psp_due)
         for (int64_t e = 0; e < s.ev_n[0]; ++e)
@@ -572,7 +668,7 @@ void run_phase(const Net<T>& net, Scratch<T>& s, LanePtrs<T>& lp, const T* x, co
       }
       if (m < M - 1) {
         if (net.spiking_ff) {
-          gather_rows(s.R[m + 1].data() + slot * net.n[m + 2], net.WT[m + 1],
+          gather_rows(s.R[m + 1].data() + slot * net.n[m + 2], net.WT[m + 1], net.ldWT[m + 1],
                       s.ev_idx[m + 1].data(), s.ev_cnt[m + 1].data(), s.ev_n[m + 1], net.n[m + 2]);
           if (psp_due)
             for (int64_t e = 0; e < s.ev_n[m + 1]; ++e)
@@ -590,12 +686,15 @@ void run_phase(const Net<T>& net, Scratch<T>& s, LanePtrs<T>& lp, const T* x, co
 template <typename T>
 void rebuild_R(const Net<T>& net, Scratch<T>& s, const LanePtrs<T>& lp) {
   if (!net.spiking_ff) return;
+  // the next step (t) writes R's slot t mod taps before any layer reads it
+  const int64_t fresh = *lp.step % net.taps;
   for (int m = 0; m < net.M; ++m) {
     const int8_t* ring = m == 0 ? lp.in_ring : lp.rings[m - 1];
     const int64_t n_in = net.n[m];
     for (int slot = 0; slot < net.taps; ++slot) {
+      if (slot == fresh) continue;
       const int64_t ev = slot_events(ring + slot * n_in, n_in, s.ev_idx[m].data(), s.ev_cnt[m].data());
-      gather_rows(s.R[m].data() + slot * net.n[m + 1], net.WT[m], s.ev_idx[m].data(),
+      gather_rows(s.R[m].data() + slot * net.n[m + 1], net.WT[m], net.ldWT[m], s.ev_idx[m].data(),
                   s.ev_cnt[m].data(), ev, net.n[m + 1]);
     }
   }
@@ -638,5 +737,123 @@ void apical_average(const Net<T>& net, const Scratch<T>& s, int m, int64_t windo
     out[j] = acc * inv + (net.c[m] ? net.c[m][j] : T(0));
   }
 }
+
+// ---- whole lanes ----------------------------------------------------------------------------------
+
+// Training lanes handed out one at a time (their random phase lengths differ): state in the rows
+// of the batched state tensors, phase averages written to the rows of `out`.
+template <typename T>
+void train_lanes(const Net<T>& net, std::atomic<int64_t>& next, int64_t B, const T* x_rate,
+                 const T* target,
+                 const at::Tensor& B0const, int8_t* in_ring, std::vector<int8_t*>& rings,
+                 std::vector<T*>& C, std::vector<T*>& lam, std::vector<T*>& A, int64_t* step,
+                 const int64_t* lane_key, const int64_t* lengths, const int64_t* windows,
+                 const std::vector<const int64_t*>& offsets, std::vector<T*>& out) {
+  const int M = net.M;
+  const int H = M - 1;
+  Scratch<T> s(net);
+  const int taps = net.taps;
+  // lanes are handed out one at a time: their random phase lengths differ
+  for (int64_t bl = next.fetch_add(1); bl < B; bl = next.fetch_add(1)) {
+    LanePtrs<T> lp;
+    lp.in_ring = in_ring + bl * taps * net.n[0];
+    for (int m = 0; m < M; ++m) {
+      lp.rings.push_back(rings[m] + bl * taps * net.n[m + 1]);
+      lp.C.push_back(C[m] + bl * net.n[m + 1]);
+      lp.lam.push_back(lam[m] + bl * net.n[m + 1]);
+      lp.A.push_back(m < H ? A[m] + bl * net.n[m + 1] : nullptr);
+    }
+    lp.step = step + bl;
+    lp.lane_key = lane_key[bl];
+    const T* x = x_rate + bl * net.n[0];
+    const T* teach = target + bl * net.n[M];
+    const T* b0 = B0const.defined() ? B0const.const_data_ptr<T>() + bl * net.n[1] : nullptr;
+    input_groups(net, s, x);
+    rebuild_R(net, s, lp);
+    for (int phase = 0; phase < 2; ++phase) {
+      const int64_t length = lengths[2 * bl + phase];
+      const int64_t window = windows[2 * bl + phase];
+      run_phase(net, s, lp, x, teach, b0, length, window,
+                      static_cast<const int64_t*>(nullptr), phase);
+      const T inv = T(1) / static_cast<T>(window);
+      // outputs: C_f C_t lam_f lam_t P_f (M each), A_f A_t Q_f (H each)
+      for (int m = 0; m < M; ++m) {
+        const int64_t nm = net.n[m + 1];
+        T* Cout = out[(phase == 0 ? 0 : 1) * M + m] + bl * nm;
+        T* Lout = out[(phase == 0 ? 2 : 3) * M + m] + bl * nm;
+        for (int64_t j = 0; j < nm; ++j) {
+          Cout[j] = s.Csum[m][j] * inv;
+          Lout[j] = s.lamsum[m][j] * inv;
+        }
+        if (phase == 0) {
+          T* Pout = out[4 * M + m] + bl * net.n[m];
+          for (int64_t i = 0; i < net.n[m]; ++i) Pout[i] = s.Psum[m][i] * inv;
+        }
+      }
+      for (int m = 0; m < H; ++m) {
+        const int64_t nm = net.n[m + 1];
+        const int64_t* off = offsets.empty() ? nullptr : offsets[m] + (2 * bl + phase) * nm;
+        T* Aout = out[5 * M + (phase == 0 ? 0 : H) + m] + bl * nm;
+        apical_average(net, s, m, window, off, Aout);
+        if (phase == 0) {
+          T* Qout = out[5 * M + 2 * H + m] + bl * net.nfb[m];
+          for (int64_t i = 0; i < net.nfb[m]; ++i) Qout[i] = s.Qsum[m][i] * inv;
+        }
+      }
+    }
+    // The apical potential is state: its value at the lane's last step (computed every step
+    // only when it reaches the soma).
+    if (!net.apical_soma) {
+      for (int m = 0; m < H; ++m)
+        matvec(lp.A[m], net.c[m], net.Y[m], s.qlast[m].data(), net.n[m + 1], net.nfb[m]);
+    }
+  }
+}
+
+// Test lanes, each from zero state in this thread's scratch; averaged output potentials to `out`.
+template <typename T>
+void test_lanes(const Net<T>& net, std::atomic<int64_t>& next, int64_t B, const T* x_rate,
+                const at::Tensor& B0const, const int64_t* lane_key, int64_t steps, int64_t window,
+                T* out) {
+  const int M = net.M;
+  Scratch<T> s(net);
+  s.alloc_state(net);
+  const int64_t n_out = net.n[M];
+  for (int64_t bl = next.fetch_add(1); bl < B; bl = next.fetch_add(1)) {
+    s.zero_state();
+    int64_t step = 0;
+    LanePtrs<T> lp;
+    lp.in_ring = s.in_ring.data();
+    for (int m = 0; m < M; ++m) {
+      lp.rings.push_back(s.rings[m].data());
+      lp.C.push_back(s.C[m].data());
+      lp.lam.push_back(s.lam[m].data());
+      lp.A.push_back(s.A[m].data());
+    }
+    lp.step = &step;
+    lp.lane_key = lane_key[bl];
+    const T* x = x_rate + bl * net.n[0];
+    const T* b0 = B0const.defined() ? B0const.const_data_ptr<T>() + bl * net.n[1] : nullptr;
+    input_groups(net, s, x);
+    if (net.spiking_ff)
+      for (auto& r : s.R) std::fill(r.begin(), r.end(), T(0));
+    run_phase(net, s, lp, x, static_cast<const T*>(nullptr), b0, steps, window,
+                    static_cast<const int64_t*>(nullptr), 2);
+    const T inv = T(1) / static_cast<T>(window);
+    for (int64_t j = 0; j < n_out; ++j) out[bl * n_out + j] = s.Csum[M - 1][j] * inv;
+  }
+}
+
+// This instruction set's entry points as one type, for the run-time choice in segregated_cpu.cpp.
+struct Isa {
+  template <typename T, typename... Args>
+  static void train(Args&&... args) {
+    train_lanes<T>(std::forward<Args>(args)...);
+  }
+  template <typename T, typename... Args>
+  static void test(Args&&... args) {
+    test_lanes<T>(std::forward<Args>(args)...);
+  }
+};
 
 }  // namespace BPDL_SEG_IMPL_NS

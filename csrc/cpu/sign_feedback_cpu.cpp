@@ -12,7 +12,7 @@
 
 #include "bpdl/sign_feedback.h"
 
-#include "bpdl/cpu_avx2.h"
+#include "bpdl/cpu_isa.h"
 
 namespace bpdl {
 namespace {
