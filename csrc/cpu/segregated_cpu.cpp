@@ -8,7 +8,8 @@
 //
 // Lanes run in parallel (at::parallel_for); each lane runs its whole example in one thread, so
 // lanes with different random phase lengths never wait for each other. The simulation loops are
-// compiled twice (baseline x86-64 and AVX2/FMA, segregated_cpu_impl.h) and chosen at run time.
+// compiled three times (baseline x86-64, AVX2/FMA and AVX-512; segregated_cpu_impl.h) and the
+// widest the CPU supports is chosen at run time (BPDL_CPU_ISA caps it; bpdl/cpu_isa.h).
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>

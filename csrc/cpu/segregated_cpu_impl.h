@@ -1,10 +1,12 @@
 // The per-lane simulation loops of the segregated-dendrite CPU kernels.
 //
-// This file is included twice by segregated_cpu.cpp, once per instruction set (the namespace
-// BPDL_SEG_IMPL_NS is impl_base or impl_avx2, the latter inside `#pragma GCC target("avx2,fma")`),
-// so that the same source is compiled for the baseline x86-64 and for AVX2/FMA and chosen at
-// run time. Everything here has internal linkage and calls only code defined before the
-// inclusion, which keeps the two builds from mixing (no one-definition-rule clashes).
+// This file is included three times by segregated_cpu.cpp, once per instruction set (the
+// namespace BPDL_SEG_IMPL_NS is impl_base, impl_avx2 or impl_avx512, the last two inside
+// `#pragma GCC target` regions; BPDL_SEG_IMPL_AVX2 / BPDL_SEG_IMPL_AVX512 enable the
+// hand-vectorised parts), so that the same source is compiled for the baseline x86-64, AVX2/FMA
+// and AVX-512 and chosen at run time. Everything here has internal linkage and calls only code
+// defined before the inclusion, which keeps the builds from mixing (no one-definition-rule
+// clashes).
 //
 // Math: ALGORITHMS.md section 5, reference python/bpdl/functional/segregated.py. The kernels
 // follow the reference step by step but compute the basal input event-driven (section 5.17 b):

@@ -75,7 +75,9 @@ inline std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> pl
     const at::Tensor& e, const at::Tensor& e_fb, const at::Tensor& P_f,
     const std::optional<at::Tensor>& Q_f, double scale, double fb_scale) {
   const bool learn_fb = Q_f.has_value();
-  at::Tensor gW = at::mm(e.t(), P_f).mul_(scale);
+  // the scale rides on the product (alpha), not on a second pass over the largest result
+  at::Tensor gW = at::empty({e.size(1), P_f.size(1)}, e.options());
+  at::addmm_out(gW, gW, e.t(), P_f, /*beta=*/0, /*alpha=*/scale);
   at::Tensor gb = e.sum(0).mul_(scale);
   at::Tensor gY = learn_fb ? at::mm(e_fb.t(), *Q_f).mul_(fb_scale) : at::empty({0}, e.options());
   at::Tensor gc = learn_fb ? e_fb.sum(0).mul_(fb_scale) : at::empty({0}, e.options());

@@ -555,11 +555,13 @@ def plasticity(kind: int, C_f: Tensor, P_f: Tensor, a: Tensor, b: Tensor | None,
 
 def output_loss(avg: PhaseAverages, lambda_max: float) -> Tensor:
     """Per-lane loss mean_i (lam_t - lambda_max sigma(C_f))^2 of the output layer (section 5.4)."""
-    return ((avg.lam_t[-1] - lambda_max * torch.sigmoid(avg.C_f[-1])) ** 2).mean(1)
+    return torch.sub(avg.lam_t[-1], torch.sigmoid(avg.C_f[-1]), alpha=lambda_max).square_().mean(1)
 
 
 def class_scores(C_out: Tensor, neurons_per_class: int) -> Tensor:
     """Per-class mean of the output potentials (B, classes): argmax is the prediction."""
+    if neurons_per_class == 1:
+        return C_out
     return C_out.reshape(C_out.shape[0], -1, neurons_per_class).mean(2)
 
 
