@@ -18,6 +18,7 @@
 #include <algorithm>
 #include <atomic>
 #include <cstdint>
+#include <numeric>
 #include <vector>
 
 #include "bpdl/segregated.h"
@@ -261,6 +262,12 @@ std::vector<at::Tensor> train_example_cpu(
     const int64_t* key_p = lane_key.const_data_ptr<int64_t>();
     const int64_t* len_p = lengths.const_data_ptr<int64_t>();
     const int64_t* win_p = windows.const_data_ptr<int64_t>();
+    // longest lanes first: whichever thread takes the last lane then waits the least
+    std::vector<int64_t> order(B);
+    std::iota(order.begin(), order.end(), int64_t{0});
+    std::stable_sort(order.begin(), order.end(), [&](int64_t a, int64_t b) {
+      return len_p[2 * a] + len_p[2 * a + 1] > len_p[2 * b] + len_p[2 * b + 1];
+    });
     std::atomic<int64_t> next{0};
     const int64_t workers = std::min<int64_t>(at::get_num_threads(), B);
     at::parallel_for(0, workers, 1, [&](int64_t, int64_t) {
@@ -268,7 +275,8 @@ std::vector<at::Tensor> train_example_cpu(
       std::vector<T*> cp = C_p, lp = lam_p, ap = A_p, op = out_p;
       with_best_isa([&](auto isa) {
         decltype(isa)::template train<T>(net, next, B, x_p, t_p, B0const, in_ring_p, rp, cp, lp,
-                                         ap, step_p, key_p, len_p, win_p, off_p, op);
+                                         ap, step_p, key_p, len_p, win_p, off_p, op,
+                                         order.data());
       });
     });
   });

@@ -742,21 +742,24 @@ void apical_average(const Net<T>& net, const Scratch<T>& s, int m, int64_t windo
 
 // ---- whole lanes ----------------------------------------------------------------------------------
 
-// Training lanes handed out one at a time (their random phase lengths differ): state in the rows
-// of the batched state tensors, phase averages written to the rows of `out`.
+// Training lanes handed out one at a time in the given order (longest first, so that the threads
+// finish together; their random phase lengths differ): state in the rows of the batched state
+// tensors, phase averages written to the rows of `out`.
 template <typename T>
 void train_lanes(const Net<T>& net, std::atomic<int64_t>& next, int64_t B, const T* x_rate,
                  const T* target,
                  const at::Tensor& B0const, int8_t* in_ring, std::vector<int8_t*>& rings,
                  std::vector<T*>& C, std::vector<T*>& lam, std::vector<T*>& A, int64_t* step,
                  const int64_t* lane_key, const int64_t* lengths, const int64_t* windows,
-                 const std::vector<const int64_t*>& offsets, std::vector<T*>& out) {
+                 const std::vector<const int64_t*>& offsets, std::vector<T*>& out,
+                 const int64_t* order) {
   const int M = net.M;
   const int H = M - 1;
   Scratch<T> s(net);
   const int taps = net.taps;
-  // lanes are handed out one at a time: their random phase lengths differ
-  for (int64_t bl = next.fetch_add(1); bl < B; bl = next.fetch_add(1)) {
+  // lanes are handed out one at a time, in `order`
+  for (int64_t k = next.fetch_add(1); k < B; k = next.fetch_add(1)) {
+    const int64_t bl = order[k];
     LanePtrs<T> lp;
     lp.in_ring = in_ring + bl * taps * net.n[0];
     for (int m = 0; m < M; ++m) {
