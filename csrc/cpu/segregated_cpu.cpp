@@ -19,6 +19,7 @@
 #include <atomic>
 #include <cstdint>
 #include <numeric>
+#include <type_traits>
 #include <vector>
 
 #include "bpdl/segregated.h"
@@ -491,12 +492,19 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> plasticit
     const T lmax = static_cast<T>(lambda_max);
     const T coef = static_cast<T>(gain * lambda_max);
     const T fgain = static_cast<T>(fb_gain);
-    at::parallel_for(0, B * n, 4096, [&](int64_t lo, int64_t hi) {
-      for (int64_t i = lo; i < hi; ++i) {
-        ep[i] = plasticity_error<T>(kind, cp[i], ap[i], bp ? bp[i] : T(0), lmax, coef);
-        if (efp) efp[i] = feedback_error<T>(cp[i], afp[i], lmax, fgain);
-      }
-    });
+    // the kind as a compile-time constant, so that each loop vectorises
+    auto errors = [&](auto kind_c) {
+      constexpr int64_t K = decltype(kind_c)::value;
+      at::parallel_for(0, B * n, 8192, [&](int64_t lo, int64_t hi) {
+        for (int64_t i = lo; i < hi; ++i)
+          ep[i] = plasticity_error<T>(K, cp[i], ap[i], K == kKindHidden ? bp[i] : T(0), lmax, coef);
+        if (efp)
+          for (int64_t i = lo; i < hi; ++i) efp[i] = feedback_error<T>(cp[i], afp[i], lmax, fgain);
+      });
+    };
+    if (kind == kKindOutput) errors(std::integral_constant<int64_t, kKindOutput>{});
+    else if (kind == kKindHidden) errors(std::integral_constant<int64_t, kKindHidden>{});
+    else errors(std::integral_constant<int64_t, kKindBackprop>{});
   });
   return plasticity_results(e, e_fb, P_f, Q_f, scale, fb_scale);
 }
