@@ -5,6 +5,8 @@
 
 #include <string>
 
+#include "bpdl/cpu_isa.h"
+
 #ifndef BPDL_WITH_CUDA
 #define BPDL_WITH_CUDA 0
 #endif
@@ -28,6 +30,11 @@ PYBIND11_MODULE(_C, m) {
         "CUDA architectures the kernels were compiled for.");
   m.def("with_openmp", [] { return static_cast<bool>(BPDL_WITH_OPENMP); },
         "Whether CPU kernels were compiled with OpenMP (at::parallel_for runs in parallel).");
+  m.def("cpu_isa", [] {
+    if (bpdl::cpu_has_avx512()) return std::string("avx512");
+    if (bpdl::cpu_has_avx2_fma()) return std::string("avx2");
+    return std::string("base");
+  }, "Instruction set the vectorised CPU kernels use on this CPU (BPDL_CPU_ISA caps it).");
   m.def("compiler", [] {
 #if defined(__clang__)
     return std::string("clang ") + __clang_version__;

@@ -31,6 +31,13 @@ def test_info_reports_build(tmp_path, capsys):
     assert "torch " in out and "CUDA kernels compiled:" in out and "OpenMP:" in out
     assert f"data root: {tmp_path}" in out
     assert "poisson_spikes" in out and "rules: bp" in out
+    assert any(f"CPU kernels: {isa}" in out for isa in ("base", "avx2", "avx512"))
+
+
+def test_info_reports_the_capped_cpu_instruction_set(tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("BPDL_CPU_ISA", "base")
+    assert main(["info", "--data-dir", str(tmp_path)]) == 0
+    assert "CPU kernels: base" in capsys.readouterr().out
 
 
 def test_train_mnist_writes_run_directory_and_learns(tmp_path, real_data_root):

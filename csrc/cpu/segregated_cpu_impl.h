@@ -276,6 +276,19 @@ inline int64_t counts_from_words(const uint32_t* __restrict__ words, const T* __
     ev_cnt[events] = static_cast<int8_t>(k);
     ++events;
   };
+  // A vector group with a draw in the exact-inversion zone, draw by draw: the bits of `spikes`
+  // are its draws with at least one spike (or in the zone), `exact` those in the zone, `two`
+  // those with at least two spikes.
+  [[maybe_unused]] auto per_draw = [&](int64_t first, unsigned spikes, unsigned exact,
+                                       unsigned two) {
+    while (spikes) {
+      const int b = __builtin_ctz(spikes);
+      spikes &= spikes - 1;
+      const int64_t i = first + b;
+      emit(i, ((exact >> b) & 1u) ? spike_count(unit_u32(words[i]), static_cast<double>(lam[i]))
+                                  : 1 + static_cast<int>((two >> b) & 1u));
+    }
+  };
   int64_t i0 = 0;
 #if defined(BPDL_SEG_IMPL_AVX512)
   {  // sixteen draws at a time; the events of a group are packed with a register compress
@@ -306,17 +319,8 @@ inline int64_t counts_from_words(const uint32_t* __restrict__ words, const T* __
           _mm512_cmp_ps_mask(_mm512_abs_ps(_mm512_sub_ps(u, e)), d, _CMP_LE_OQ) |
           _mm512_cmp_ps_mask(_mm512_abs_ps(_mm512_sub_ps(u, c1)), d, _CMP_LE_OQ) |
           _mm512_cmp_ps_mask(_mm512_sub_ps(u, c2), neg_d, _CMP_GE_OQ));
-      if (exact) [[unlikely]] {  // per draw, with the exact inversion where it is needed
-        unsigned spikes = static_cast<unsigned>(gt0 | exact);
-        while (spikes) {
-          const int b = __builtin_ctz(spikes);
-          spikes &= spikes - 1;
-          const int64_t i = i0 + b;
-          const int k = ((exact >> b) & 1u)
-                            ? spike_count(unit_u32(words[i]), static_cast<double>(lam[i]))
-                            : 1 + static_cast<int>((gt1 >> b) & 1u);
-          emit(i, k);
-        }
+      if (exact) [[unlikely]] {
+        per_draw(i0, gt0 | exact, exact, gt1);
         continue;
       }
       const __m512i cnt = _mm512_add_epi32(_mm512_maskz_mov_epi32(gt0, one),
@@ -367,18 +371,9 @@ inline int64_t counts_from_words(const uint32_t* __restrict__ words, const T* __
     amb = _mm256_or_ps(amb, _mm256_cmp_ps(_mm256_andnot_ps(sign, _mm256_sub_ps(u, c1)), d, _CMP_LE_OQ));
     amb = _mm256_or_ps(amb, _mm256_cmp_ps(_mm256_sub_ps(u, c2), _mm256_sub_ps(_mm256_setzero_ps(), d), _CMP_GE_OQ));
     const unsigned exact = static_cast<unsigned>(_mm256_movemask_ps(amb));
-    if (exact) [[unlikely]] {  // per draw, with the exact inversion where it is needed
-      unsigned spikes = static_cast<unsigned>(_mm256_movemask_ps(_mm256_or_ps(gt0, amb)));
-      const unsigned two = static_cast<unsigned>(_mm256_movemask_ps(gt1));
-      while (spikes) {
-        const int b = __builtin_ctz(spikes);
-        spikes &= spikes - 1;
-        const int64_t i = i0 + b;
-        const int k = ((exact >> b) & 1u)
-                          ? spike_count(unit_u32(words[i]), static_cast<double>(lam[i]))
-                          : 1 + static_cast<int>((two >> b) & 1u);
-        emit(i, k);
-      }
+    if (exact) [[unlikely]] {
+      per_draw(i0, static_cast<unsigned>(_mm256_movemask_ps(_mm256_or_ps(gt0, amb))), exact,
+               static_cast<unsigned>(_mm256_movemask_ps(gt1)));
       continue;
     }
     // count = [u > cdf_0] + [u > cdf_1] (the comparison masks are -1 where true)

@@ -393,7 +393,7 @@ def info_lines(data_dir: str | None = None) -> list[str]:
         "CUDA device available: "
         + (torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no"),
         f"OpenMP: {'yes' if ext.with_openmp() else 'no'}; torch threads: "
-        f"{torch.get_num_threads()}; compiler: {ext.compiler()}",
+        f"{torch.get_num_threads()}; compiler: {ext.compiler()}; CPU kernels: {ext.cpu_isa()}",
         f"operators: {', '.join(operator_backends())}",
         f"data root: {data_root(data_dir)}",
         f"datasets: {', '.join(DATASETS)}",

@@ -404,10 +404,10 @@ class SegregatedDendrites(Learner):
         backend = backend or self.backend(x_rate.device)
         if backend == "kernels" and recorder is None:
             from bpdl import ops
-            checked = validated and self.params.lambda_max <= ops.MAX_POISSON_MEAN
             return ops.segregated_train_example(W, b, Y, c, state, x_rate, target, lengths,
                                                 windows, offsets, seed, lane_key, self.params,
-                                                original_quirks=quirks, validate=not checked)
+                                                original_quirks=quirks,
+                                                validate=self._op_validates(validated))
         return seg.simulate_training_example(W, b, Y, c, state, x_rate, target, lengths,
                                              windows, offsets, seed, lane_key, self.params,
                                              recorder=recorder, original_quirks=quirks)
@@ -420,21 +420,27 @@ class SegregatedDendrites(Learner):
         seed = self.test_seed if seed is None else seed
         quirks = self.net.config.compat == "original"
         backend = backend or self.backend(x_rate.device)
-        from bpdl import ops
-        checked = validated and self.params.lambda_max <= ops.MAX_POISSON_MEAN
+        validate = self._op_validates(validated)
         out = []
         for start in range(0, x_rate.shape[0], EVAL_CHUNK):
             chunk = x_rate[start:start + EVAL_CHUNK]
             keys = torch.arange(start, start + chunk.shape[0], device=chunk.device)
             if backend == "kernels":
+                from bpdl import ops
                 out.append(ops.segregated_test(W, b, Y, c, chunk, seed, keys, self.params,
-                                               original_quirks=quirks, validate=not checked))
+                                               original_quirks=quirks, validate=validate))
             else:
                 out.append(seg.simulate_test(W, b, Y, c, chunk, seed, keys, self.params,
                                              self.dtype, original_quirks=quirks))
         if not out:
             return x_rate.new_zeros(0, self.params.sizes[-1])
         return torch.cat(out)
+
+    def _op_validates(self, validated: bool) -> bool:
+        """Whether the kernels must check their input rates: not when they come from
+        :meth:`_rates` (``validated``), whose bound lambda_max is within the kernels' range."""
+        from bpdl import ops
+        return not (validated and self.params.lambda_max <= ops.MAX_POISSON_MEAN)
 
     def _lane_keys(self, n: int, device: torch.device) -> Tensor:
         """The lane keys 0 .. n - 1 of the training lanes (cached: they never change)."""
