@@ -243,8 +243,7 @@ def test_cached_phase_plan_slices_equal_the_phase_plan(model_opts):
             torch.arange(first, first + count), learner.seed)
         assert offsets is None
         assert torch.equal(lengths, ref_lengths) and torch.equal(windows, ref_windows)
-    if learner.params.random_phase_lengths:
-        assert lengths.unique().numel() > 1 or count == 1
+    if learner.params.random_phase_lengths:  # the comparison above is not between constants
         assert learner._plan_slices(0, 32, learner.seed, cpu)[0].unique().numel() > 1
     # a batch across two cached blocks, and random plateau times, take the general plan
     assert learner._plan_slices(PLAN_BLOCK - 3, 8, learner.seed, cpu) is None
