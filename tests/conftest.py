@@ -12,8 +12,15 @@ import pathlib
 import shutil
 
 import pytest
+import torch
 
 REPO_ROOT = pathlib.Path(__file__).resolve().parent.parent
+
+#: The CUDA case of a device-parametrised test: marked ``cuda`` and skipped (reported, not
+#: dropped) where no GPU is present. ``@pytest.mark.parametrize("device", DEVICES)``.
+CUDA = pytest.param("cuda", marks=[pytest.mark.cuda, pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="needs a CUDA device")])
+DEVICES = ["cpu", CUDA]
 
 #: Original distribution files expected under the shared data folder (torchvision layout).
 MNIST_LIKE_RAW_FILES: dict[str, tuple[str, ...]] = {

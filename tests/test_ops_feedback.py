@@ -10,10 +10,7 @@ import pytest
 import torch
 from bpdl import functional as F
 from bpdl import ops
-
-CUDA = pytest.param("cuda", marks=[pytest.mark.cuda, pytest.mark.skipif(
-    not torch.cuda.is_available(), reason="needs a CUDA device")])
-DEVICES = ["cpu", CUDA]
+from conftest import DEVICES
 
 
 @pytest.mark.parametrize("device", DEVICES)

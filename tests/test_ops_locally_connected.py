@@ -9,10 +9,7 @@ import torch
 from bpdl import functional as F
 from bpdl import ops
 from bpdl.nn import LocallyConnected2d
-
-CUDA = pytest.param("cuda", marks=[pytest.mark.cuda, pytest.mark.skipif(
-    not torch.cuda.is_available(), reason="needs a CUDA device")])
-DEVICES = ["cpu", CUDA]
+from conftest import DEVICES
 
 # (N, C, H, W, O, kernel, stride, padding (top, left), output (OH, OW))
 GEOMETRIES = [

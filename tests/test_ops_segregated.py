@@ -12,10 +12,9 @@ import torch
 from bpdl import ops
 from bpdl.functional import random as R
 from bpdl.functional import segregated as seg
+from bpdl.ops.segregated import _seg_lists
+from conftest import DEVICES
 
-CUDA = pytest.param("cuda", marks=[pytest.mark.cuda, pytest.mark.skipif(
-    not torch.cuda.is_available(), reason="needs a CUDA device")])
-DEVICES = ["cpu", CUDA]
 TOL = {torch.float64: dict(rtol=1e-11, atol=1e-12), torch.float32: dict(rtol=2e-5, atol=2e-5)}
 
 
@@ -347,7 +346,7 @@ def test_layer_step_opcheck(device):
     g = torch.Generator().manual_seed(0)
     B, n_in, n, n_fb, T = 2, 6, 4, 3, 10
     p = seg.SimParams(sizes=(n_in, n, n_fb))
-    values, flags = ops._seg_lists(p)
+    values, flags = _seg_lists(p)
     args = (torch.randn(n, n_in, generator=g).to(device), torch.randn(n, generator=g).to(device),
             torch.randn(n, n_fb, generator=g).to(device), None,
             torch.randint(0, 2, (B, T, n_in), generator=g, dtype=torch.int8).to(device),
@@ -446,7 +445,7 @@ def test_train_and_test_opcheck(device):
     B = 2
     x = _inputs(B, 12, torch.float32, device)
     state = seg.LaneState.zeros(B, p, torch.float32, device)
-    values, flags = ops._seg_lists(p)
+    values, flags = _seg_lists(p)
     need = [int(v) for v in p.spiking_populations(True)]
     lengths = torch.full((B, 2), 25, device=device)
     args = (W, b, Y, [], x, torch.zeros(B, 3, device=device), p.kappa(torch.float32, device),
@@ -467,7 +466,7 @@ def test_fake_shapes():
     from torch._subclasses.fake_tensor import FakeTensorMode
 
     p = seg.SimParams(sizes=(12, 6, 3))
-    values, flags = ops._seg_lists(p)
+    values, flags = _seg_lists(p)
     with FakeTensorMode():
         W = [torch.empty(6, 12), torch.empty(3, 6)]
         b = [torch.empty(6), torch.empty(3)]

@@ -363,14 +363,10 @@ def cmd_plot(args: argparse.Namespace) -> int:
 
 def operator_backends() -> list[str]:
     """``name [CPU, CUDA]`` for every registered bpdl operator."""
-    import torch
+    from bpdl import ops
 
-    out = []
-    for op in sorted(n for n in torch._C._dispatch_get_all_op_names() if n.startswith("bpdl::")):
-        dump = torch._C._dispatch_dump(op)
-        keys = [k for k in ("CPU", "CUDA") if f"\n{k}: registered" in dump]
-        out.append(f"{op.split('::', 1)[1]} [{', '.join(keys) or 'no kernels'}]")
-    return out
+    return [f"{op} [{', '.join(ops.kernel_backends(op)) or 'no kernels'}]"
+            for op in ops.operator_names()]
 
 
 def info_lines(data_dir: str | None = None) -> list[str]:

@@ -45,6 +45,7 @@ from bpdl import ops
 from bpdl.config import from_dict
 from bpdl.errors import ConfigError, UnknownNameError
 from bpdl.functional.feedback import dfa_feedback_matrix, dfa_scale
+from bpdl.functional.losses import check_loss
 from bpdl.nn.init import INITS, init_std
 from bpdl.nn.locally_connected import LocallyConnected2d
 
@@ -58,7 +59,6 @@ __all__ = [
 FEEDBACK_RULES = ("fa", "dfa", "usf", "brsf", "frsf", "kp", "wm")
 MODES = ("bp",) + FEEDBACK_RULES
 SIGN_MODES = ("usf", "brsf", "frsf")
-LOSSES = ("cross_entropy", "mse")
 _MASK63 = (1 << 63) - 1
 
 
@@ -89,7 +89,7 @@ class FeedbackConfig:
     last_layer_rule: str = "same"
 
     def __post_init__(self) -> None:
-        _check_choice("loss", self.loss, LOSSES)
+        check_loss(self.loss)
         if self.feedback_init != "auto":
             _check_choice("initialiser", self.feedback_init, INITS)
         _check_choice("last_layer_rule", self.last_layer_rule, ("same", "bp"))

@@ -7,22 +7,9 @@ from typing import Any
 
 from torch import Tensor, nn
 
-from bpdl.errors import UnknownNameError
+from bpdl.functional.losses import check_loss, classification_loss
 from bpdl.rules.base import Learner
 from bpdl.rules.registry import RULES
-
-LOSSES = ("cross_entropy", "mse")
-
-
-def classification_loss(name: str, scores: Tensor, y: Tensor) -> Tensor:
-    """Mean loss over the batch: cross-entropy on logits, or squared error against one-hot
-    targets (summed over classes, as in L16)."""
-    if name == "cross_entropy":
-        return nn.functional.cross_entropy(scores, y)
-    if name == "mse":
-        target = nn.functional.one_hot(y, scores.shape[1]).to(scores.dtype)
-        return ((scores - target) ** 2).sum(1).mean()
-    raise UnknownNameError("loss", name, LOSSES)
 
 
 @dataclass(frozen=True)
@@ -32,8 +19,7 @@ class BackpropConfig:
     loss: str = "cross_entropy"
 
     def __post_init__(self) -> None:
-        if self.loss not in LOSSES:
-            raise UnknownNameError("loss", self.loss, LOSSES)
+        check_loss(self.loss)
 
 
 @RULES.register("bp")

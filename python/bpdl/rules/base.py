@@ -38,13 +38,17 @@ class LearnerProtocol(Protocol):
 
 
 def angle_degrees(a: Tensor, b: Tensor) -> float:
-    """Angle between two tensors as flat vectors, in degrees (0-180; 90 = unaligned)."""
+    """Angle between two tensors as flat vectors, in degrees (0-180; 90 = unaligned).
+
+    Computed as 2 atan2(||u - v||, ||u + v||) with u, v the unit vectors (Kahan), which stays
+    accurate for nearly parallel vectors, where arccos of the cosine loses half the digits
+    (equal vectors give exactly 0, not ~1e-6 degrees of rounding)."""
     a, b = a.detach().flatten().double(), b.detach().flatten().double()
     na, nb = a.norm(), b.norm()
     if na == 0 or nb == 0:
         return float("nan")
-    cos = torch.clamp(torch.dot(a, b) / (na * nb), -1.0, 1.0)
-    return math.degrees(math.acos(float(cos)))
+    u, v = a / na, b / nb
+    return math.degrees(2.0 * math.atan2(float((u - v).norm()), float((u + v).norm())))
 
 
 class Learner(nn.Module):

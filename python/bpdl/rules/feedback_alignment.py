@@ -17,6 +17,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from bpdl.functional.losses import classification_loss
 from bpdl.nn.feedback import (
     DFAConfig,
     FAConfig,
@@ -29,7 +30,6 @@ from bpdl.nn.feedback import (
     feedback_layers,
     use_backprop,
 )
-from bpdl.rules.backprop import classification_loss
 from bpdl.rules.base import Learner, angle_degrees
 from bpdl.rules.registry import RULES
 

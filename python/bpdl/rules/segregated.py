@@ -146,19 +146,11 @@ class SegregatedConfig:
                 require_positive(f"feedback_lrs[{i}]", v)
 
 
-_KERNELS: dict[str, bool] = {}
-
-
 def kernels_available(device: torch.device) -> bool:
     """Whether the fused segregated-dendrite kernels are compiled for ``device``."""
-    key = "CUDA" if device.type == "cuda" else "CPU"
-    if key not in _KERNELS:
-        try:
-            dump = torch._C._dispatch_dump("bpdl::segregated_train_example")
-        except RuntimeError:
-            dump = ""
-        _KERNELS[key] = f"\n{key}: registered" in dump
-    return _KERNELS[key]
+    from bpdl import ops
+
+    return ops.has_kernel("segregated_train_example", device)
 
 
 #: Examples per block of cached phase-length draws (one vectorised draw per block).
