@@ -301,6 +301,33 @@ def test_weight_mirrors_align_b_with_w():
     assert angle_degrees(conv[0].weight, conv[0].feedback) < 20
 
 
+def test_weight_mirror_step_through_its_optimiser_is_the_published_update():
+    """B <- (1 - lambda_B) B + eta_B sum_n y_n xi_n^T, bit for bit, with the increment taken by
+    the rule's own "mirror" optimiser, which the loop builds, zeroes and checkpoints."""
+    from bpdl.nn.feedback import _mix_seed
+    from bpdl.train import RunConfig
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(20, 8), nn.Tanh(), nn.Linear(8, 4))
+    learner = rules.build("wm", model, {"mirror_decay": 0.05, "mirror_lr": 0.5,
+                                        "mirror_pretrain_steps": 0})
+    expected = []
+    for layer in (model[0], model[2]):
+        g = torch.Generator().manual_seed(_mix_seed(layer.feedback_seed, layer.layer_index, 4, 0))
+        xi = torch.empty(64, layer.in_features).uniform_(-0.05, 0.05, generator=g)
+        y = layer.forward_math(xi, layer.weight.detach(), None)
+        delta = layer.backward_math(y, xi, layer.weight.detach(), False, True, False)[1]
+        expected.append(layer.feedback.clone().mul_(1 - 0.05).add_(delta, alpha=0.5))
+    learner.mirror_step(64)
+    assert torch.equal(model[0].feedback, expected[0])
+    assert torch.equal(model[2].feedback, expected[1])
+    optimizers = learner.setup_optimizers(RunConfig(optimizer="adam", lr=1e-3))
+    assert set(optimizers) == {"main", "mirror"}
+    mirrored = optimizers["mirror"].param_groups[0]["params"]
+    assert mirrored[0] is model[0].feedback and mirrored[1] is model[2].feedback
+    assert optimizers["mirror"].param_groups[0]["lr"] == 0.5
+
+
 # ---- conversion ----------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("model_name", ["mlp", "cnn", "lc"])

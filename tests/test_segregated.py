@@ -320,24 +320,23 @@ def test_batch_learning_rates():
     assert lrs[0] == pytest.approx(0.21) and lrs[1] == pytest.approx(0.21 * 6 / 32)
     assert batch_layer_lrs(1, 128)[0] == pytest.approx(0.21 * 64 / 128)
     assert len(batch_layer_lrs(2, 64)) == 3
-    defaults = SegregatedDendrites.run_defaults({"model_options": {"hidden": [500, 100]},
-                                                 "_explicit": []})
+    defaults = SegregatedDendrites.run_defaults(
+        RunConfig(rule="segregated", model_options={"hidden": [500, 100]}))
     assert defaults["optimizer"] == "sgd" and len(defaults["layer_lrs"]) == 3
-    assert "layer_lrs" not in SegregatedDendrites.run_defaults({"_explicit": ["lr"]})
+    assert "layer_lrs" not in SegregatedDendrites.run_defaults(RunConfig(lr=0.1))
     rate = batch_layer_lrs(1, 32, mode="rate")
     assert rate[0] == pytest.approx(0.21) and rate[1] == pytest.approx(0.21 * 1.5 / 32)
-    defaults = SegregatedDendrites.run_defaults({"model_options": {"mode": "rate"},
-                                                 "_explicit": []})
+    defaults = SegregatedDendrites.run_defaults(RunConfig(model_options={"mode": "rate"}))
     assert defaults["layer_lrs"] == pytest.approx(list(rate))
 
 
 def test_rule_picks_its_own_model_unless_one_is_given():
-    from bpdl import rules
+    from bpdl.train import resolve_config
 
-    assert rules.with_run_defaults({"rule": "segregated"}, set())["model"] == "segregated"
-    given = rules.with_run_defaults({"rule": "segregated", "model": "mlp"}, {"model"})
-    assert given["model"] == "mlp"  # the run config then refuses it with a clear message
-    assert rules.with_run_defaults({"rule": "fa"}, set()).get("model", "mlp") == "mlp"
+    assert resolve_config({"rule": "segregated"}).model == "segregated"
+    given = resolve_config({"rule": "segregated", "model": "mlp"})
+    assert given.model == "mlp"  # the run config then refuses it with a clear message
+    assert resolve_config({"rule": "fa"}).model == "mlp"
 
 
 def test_rate_mode_learns_with_the_command_line_defaults(tmp_path, real_data_root):
@@ -406,15 +405,18 @@ def test_cli_train_and_plot_dynamics(real_data_root, tmp_path, capsys):
 
 def test_guerguiev2017_config_defaults_and_errors():
     from bpdl.segregated_experiments import REPRODUCTION_BATCH, guerguiev2017_config
+    from bpdl.train import resolve_config
 
     one, two = guerguiev2017_config(layers=1), guerguiev2017_config(layers=2)
     assert one["batch_size"] == 32 and one["model_options"]["hidden"] == [500]
     assert two["batch_size"] == REPRODUCTION_BATCH[2] == 16
     assert two["model_options"]["hidden"] == [500, 100]
-    assert two["layer_lrs"] == pytest.approx(list(batch_layer_lrs(2, 16)))
+    # the rates come from the rule's run defaults, as for every entry point
+    assert resolve_config(two).layer_lrs == pytest.approx(batch_layer_lrs(2, 16))
+    assert resolve_config(two).optimizer == "sgd"
     explicit = guerguiev2017_config(layers=2, batch_size=8)
     assert explicit["batch_size"] == 8
-    assert explicit["layer_lrs"] == pytest.approx(list(batch_layer_lrs(2, 8)))
+    assert resolve_config(explicit).layer_lrs == pytest.approx(batch_layer_lrs(2, 8))
     assert guerguiev2017_config(layers=1, variant="sparse")["model_options"]["sparse_feedback"]
     assert guerguiev2017_config(variant="symmetric")["model_options"]["symmetric_weights"]
     with pytest.raises(ConfigError, match="--layers 1"):

@@ -194,3 +194,113 @@ def test_configs_pickle_and_roundtrip_json():
         RunConfig.from_dict({"epocs": 3})
     rc = rules.rule_config("bp", {"loss": "mse"})
     assert pickle.loads(pickle.dumps(rc)) == rc
+
+
+# ---- the loop's contract: resolved configs, several optimisers, extra statistics -------------
+
+def test_python_api_and_cli_resolve_the_same_config_for_every_rule():
+    """One config means one run: `bpdl train` and bpdl.train.resolve_config agree for every
+    registered rule, with nothing set and with a batch size set."""
+    from bpdl.cli import _config_from_args, build_parser
+    from bpdl.train import resolve_config
+
+    for rule in rules.names():
+        for extra_args, extra_fields in (([], {}), (["--batch-size", "8"], {"batch_size": 8})):
+            args = build_parser().parse_args(["train", "--rule", rule, *extra_args])
+            from_cli = resolve_config(_config_from_args(args))
+            from_api = resolve_config({"rule": rule, **extra_fields})
+            assert from_cli == from_api, rule
+            assert from_api.model is not None and from_api.optimizer is not None
+            assert resolve_config(from_api) == from_api  # idempotent
+    seg = resolve_config({"rule": "segregated"})
+    assert (seg.model, seg.optimizer, seg.batch_size) == ("segregated", "sgd", 32)
+    assert seg.layer_lrs is not None and len(seg.layer_lrs) == 2
+    # a learning rate the caller gives applies to every layer instead of the paper's rates
+    assert resolve_config({"rule": "segregated", "lr": 0.1}).layer_lrs is None
+    bp = resolve_config({})
+    assert (bp.model, bp.optimizer, bp.lr, bp.batch_size) == ("mlp", "adam", 1e-3, 100)
+
+
+class _TwoOptimizerRule(rules.Learner):
+    """A toy rule with parameters of its own, trained by their own loss and optimiser: the
+    model by backprop (``main``) and a linear read-out of the hidden layer by Adam at a rate
+    of its own (``readout``), like target propagation's inverses."""
+
+    name = "test-two-optimizers"
+
+    def __init__(self, model, config=None):
+        super().__init__(model, config)
+        self.readout = torch.nn.Linear(model.layers[0].out_features, 10)
+
+    def parameter_groups(self):
+        return [g for g in super().parameter_groups() if g["name"] != "rule"]
+
+    def configure_optimizers(self, cfg):
+        return {**super().configure_optimizers(cfg),
+                "readout": torch.optim.Adam(self.readout.parameters(), lr=0.01)}
+
+    def training_step(self, x, y):
+        hidden = torch.relu(self.model.layers[0](x.flatten(1)))
+        scores = self.model.layers[1](hidden)
+        loss = torch.nn.functional.cross_entropy(scores, y)
+        aux = torch.nn.functional.cross_entropy(self.readout(hidden.detach()), y)
+        (loss + aux).backward()
+        return {"loss": loss.detach(), "correct": (scores.argmax(1) == y).sum(),
+                "readout_loss": aux.detach()}
+
+
+@pytest.fixture
+def two_optimizer_rule():
+    rules.RULES.add(_TwoOptimizerRule.name, _TwoOptimizerRule)
+    yield _TwoOptimizerRule.name
+    rules.RULES._items.pop(_TwoOptimizerRule.name)
+
+
+def test_a_rule_with_two_optimizers_resumes_bit_for_bit(tmp_path, small_data, two_optimizer_rule):
+    cfg = _cfg(rule=two_optimizer_rule, max_examples=1500)
+    reference = train(cfg, tmp_path / "ref", data=small_data, progress=False, log=lambda s: None)
+    assert reference.status == "completed"
+    ckpt = torch.load(tmp_path / "ref" / "checkpoints" / "last.pt", weights_only=False)
+    assert set(ckpt["optimizers"]) == {"main", "readout"}
+    assert ckpt["optimizers"]["readout"]["state"]  # Adam moments of the read-out are saved
+    # the extra statistic is averaged and logged, and falls as the read-out learns
+    curve = [r["running_readout_loss"] for r in reference.history[1:]]
+    assert curve[-1] < curve[0]
+
+    class Crash(Exception):
+        pass
+
+    def crash_at_600(rec):
+        if rec["examples"] == 600:
+            raise Crash
+
+    out = tmp_path / "crashy"
+    with pytest.raises(Crash):
+        train(cfg, out, data=small_data, progress=False, log=lambda s: None,
+              callback=crash_at_600)
+    lines = []
+    resumed = train(cfg, out, data=small_data, progress=False, log=lines.append)
+    # the crash came before the checkpoint of example 600: the resume starts at 300
+    assert lines[0].startswith(f"resuming {out} at example 300")  # not a fresh start
+    assert _strip(resumed.history) == _strip(reference.history)
+    final = torch.load(out / "checkpoints" / "last.pt", weights_only=False)
+    for key, value in ckpt["learner"].items():
+        assert torch.equal(value, final["learner"][key]), key
+    for name in ("main", "readout"):
+        for pid, state in ckpt["optimizers"][name]["state"].items():
+            for k, v in state.items():
+                assert torch.equal(v, final["optimizers"][name]["state"][pid][k]), (name, k)
+
+
+def test_optimisers_that_share_a_parameter_are_refused(small_data, two_optimizer_rule):
+    class Sharing(_TwoOptimizerRule):
+        def configure_optimizers(self, cfg):
+            return {**super().configure_optimizers(cfg),
+                    "again": torch.optim.SGD(self.model.parameters(), lr=0.1)}
+
+    from bpdl import nn as bnn
+
+    model = bnn.build_model("mlp", (1, 8, 8), 10, {"hidden": [16]})
+    learner = Sharing(model)
+    with pytest.raises(ConfigError, match="belongs to both optimisers"):
+        learner.setup_optimizers(RunConfig(optimizer="adam", lr=1e-3))

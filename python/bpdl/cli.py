@@ -116,30 +116,24 @@ def _add_run_arguments(p: argparse.ArgumentParser, *, with_model: bool = True) -
 
 
 def _config_from_args(args: argparse.Namespace, base: dict[str, Any] | None = None):
+    """The run config the flags (and ``--config`` file) ask for, unresolved: fields no flag set
+    stay unset, for :func:`bpdl.train.resolve_config` to fill as it does for every entry point."""
     from bpdl.errors import ConfigError
     from bpdl.train import RunConfig
 
     d: dict[str, Any] = dict(base or {})
-    explicit: set[str] = set(d)
     if args.config is not None:
         try:
-            from_file = json.loads(Path(args.config).read_text())
+            d.update(json.loads(Path(args.config).read_text()))
         except (OSError, json.JSONDecodeError) as err:
             raise ConfigError(f"cannot read --config {args.config}: {err}") from err
-        d.update(from_file)
-        explicit.update(from_file)
     for key in ("model", "rule", "dataset", "optimizer", "lr", "epochs", "batch_size",
-                "max_examples", "eval_every", "test", "seed", "device", "threads"):
+                "max_examples", "eval_every", "test", "seed", "device", "threads", "layer_lrs"):
         value = getattr(args, key, None)
         if value is not None:
             d[key] = value
-            explicit.add(key)
     if args.val_size is not None:
         d["val_size"] = int(args.val_size) if args.val_size >= 1 else args.val_size
-        explicit.add("val_size")
-    if args.layer_lrs is not None:
-        d["layer_lrs"] = args.layer_lrs
-        explicit.add("layer_lrs")
     model_opts = dict(d.get("model_options", {}))
     for key in ("hidden", "activation", "channels", "kernel_size", "stride", "padding", "init"):
         value = getattr(args, key)
@@ -147,17 +141,10 @@ def _config_from_args(args: argparse.Namespace, base: dict[str, Any] | None = No
             model_opts[key] = value
     model_opts.update(_key_values(args.model_opt, "--model-opt"))
     d["model_options"] = model_opts
-    rule_opts = dict(d.get("rule_options", {}))
-    rule_opts.update(_key_values(args.rule_opt, "--rule-opt"))
-    d["rule_options"] = rule_opts
-    opt_opts = dict(d.get("optimizer_options", {}))
-    opt_opts.update(_key_values(args.opt, "--opt"))
-    d["optimizer_options"] = opt_opts
-    from bpdl import rules
-
-    # the rule's run defaults (e.g. plain SGD with the paper's per-layer rates for segregated
-    # dendrites) for every field the user did not set
-    return RunConfig.from_dict(rules.with_run_defaults(d, explicit))
+    for key, flag in (("rule_options", args.rule_opt), ("optimizer_options", args.opt)):
+        d[key] = {**d.get(key, {}), **_key_values(flag, "--rule-opt" if key == "rule_options"
+                                                  else "--opt")}
+    return RunConfig.from_dict(d)
 
 
 def _download(args: argparse.Namespace) -> bool:
@@ -165,9 +152,9 @@ def _download(args: argparse.Namespace) -> bool:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from bpdl.train import train
+    from bpdl.train import resolve_config, train
 
-    cfg = _config_from_args(args)
+    cfg = resolve_config(_config_from_args(args))
     out = args.out or Path("runs") / f"{cfg.rule}-{cfg.model}-{cfg.dataset}-seed{cfg.seed}"
     progress = False if args.no_progress else None
     result = train(cfg, out, data_dir=args.data_dir, download=_download(args),
@@ -196,9 +183,9 @@ DEFAULT_COMPARISON: list[tuple[str, dict[str, Any]]] = [
     ("dfa-mlp", {"model": "mlp", "rule": "dfa"}),
     ("frsf-mlp", {"model": "mlp", "rule": "frsf"}),
     ("kp-mlp", {"model": "mlp", "rule": "kp"}),
-    # G17's spiking network, 784-500-10, SGD with the paper's rates rescaled for 32 lanes
-    ("segregated", {"model": "segregated", "rule": "segregated", "optimizer": "sgd",
-                    "batch_size": 32, "layer_lrs": [0.21, 0.039375],
+    # G17's spiking network, 784-500-10, with the rule's run defaults (plain SGD with the
+    # paper's rates rescaled for its 32 lanes)
+    ("segregated", {"model": "segregated", "rule": "segregated",
                     "model_options": {"hidden": [500]}}),
 ]
 
@@ -206,7 +193,7 @@ DEFAULT_COMPARISON: list[tuple[str, dict[str, Any]]] = [
 def cmd_compare(args: argparse.Namespace) -> int:
     from bpdl.errors import ConfigError
     from bpdl.plots import plot_alignment, plot_comparison, plot_learning_curves
-    from bpdl.train import RunConfig, train
+    from bpdl.train import resolve_config, train
 
     entries = DEFAULT_COMPARISON
     if args.entries:
@@ -223,9 +210,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
     run_dirs, labels, rows = [], [], []
     progress = False if args.no_progress else None
     for label, overrides in entries:
-        d = dict(base)
-        d.update(overrides)
-        cfg = RunConfig.from_dict(d)
+        cfg = resolve_config({**base, **overrides})
         print(f"== {label}: {cfg.rule} on {cfg.model}, {cfg.dataset}, {cfg.epochs} epoch(s)",
               flush=True)
         result = train(cfg, out / label, data_dir=args.data_dir, download=_download(args),

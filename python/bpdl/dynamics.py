@@ -15,10 +15,10 @@ import os
 from pathlib import Path
 from typing import Any
 
-import torch
 from matplotlib.figure import Figure
 
-from bpdl.errors import ConfigError, RunDirError
+from bpdl.errors import ConfigError
+from bpdl.runs import read_metrics
 
 __all__ = ["record_run_dynamics", "plot_dynamics"]
 
@@ -28,25 +28,12 @@ def record_run_dynamics(run_dir: str | os.PathLike, example: int = 0, neurons: i
     """Record the dynamics of training example ``example`` (an index into the run's training
     set) with the run's last checkpoint; ``neurons`` per layer. Returns the trace (JSON-ready)."""
     from bpdl import data as bdata
-    from bpdl import nn as bnn
-    from bpdl import rules
-    from bpdl.train import RunConfig
+    from bpdl.train import load_learner
 
-    path = Path(run_dir)
-    ckpt_path = path / "checkpoints" / "last.pt"
-    if not (path / "config.json").exists() or not ckpt_path.exists():
-        raise RunDirError(f"{path} has no config.json and checkpoints/last.pt; pass a run directory "
-                          f"written by `bpdl train` with the segregated rule")
-    cfg = RunConfig.from_dict(json.loads((path / "config.json").read_text()))
+    learner, cfg, ckpt = load_learner(run_dir)
     if cfg.rule != "segregated":
-        raise ConfigError(f"`bpdl plot dynamics` needs a segregated-dendrite run; {path} trained "
-                          f"rule {cfg.rule!r}")
-    shape, classes = bdata.dataset_info(cfg.dataset)
-    torch.manual_seed(cfg.seed)
-    model = bnn.build_model(cfg.model, shape, classes, cfg.model_options)
-    learner = rules.build(cfg.rule, model, cfg.rule_options, model_name=cfg.model)
-    ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=False)
-    learner.load_state_dict(ckpt["learner"])
+        raise ConfigError(f"`bpdl plot dynamics` needs a segregated-dendrite run; {run_dir} "
+                          f"trained rule {cfg.rule!r}")
     train = bdata.load_dataset(cfg.dataset, "train", data_dir, download)
     if not 0 <= example < len(train):
         raise ConfigError(f"example must be in [0, {len(train) - 1}], got {example}")
@@ -56,19 +43,6 @@ def record_run_dynamics(run_dir: str | os.PathLike, example: int = 0, neurons: i
     trace["example"] = example
     trace["examples_trained"] = int(ckpt["loop"]["examples"])
     return trace
-
-
-def _history(run_dir: Path) -> list[dict[str, Any]]:
-    metrics = run_dir / "metrics.jsonl"
-    if not metrics.exists():
-        return []
-    out = []
-    for line in metrics.read_text().splitlines():
-        try:
-            out.append(json.loads(line))
-        except json.JSONDecodeError:
-            break
-    return out
 
 
 def plot_dynamics(trace: dict[str, Any], history: list[dict[str, Any]] | None = None,
@@ -167,5 +141,6 @@ def plot_run_dynamics(run_dir: str | os.PathLike, out: str | os.PathLike | None 
     (path / "figures").mkdir(parents=True, exist_ok=True)
     trace_path = path / "figures" / "dynamics.json"
     trace_path.write_text(json.dumps(trace) + "\n")
-    fig = plot_dynamics(trace, _history(path), out if out is not None else path / "figures" / "dynamics")
+    history = read_metrics(path / "metrics.jsonl")
+    fig = plot_dynamics(trace, history, out if out is not None else path / "figures" / "dynamics")
     return fig, trace_path

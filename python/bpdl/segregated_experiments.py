@@ -23,8 +23,6 @@ import time
 from pathlib import Path
 from typing import Any
 
-import torch
-
 from bpdl.errors import ConfigError
 
 __all__ = ["PUBLISHED", "REPRODUCTION_BATCH", "guerguiev2017_config", "run_guerguiev2017"]
@@ -60,7 +58,7 @@ def guerguiev2017_config(layers: int = 1, epochs: int = 60, batch_size: int | No
                          ) -> dict[str, Any]:
     """The run config (a dict of :class:`bpdl.train.RunConfig` fields) of G17's MNIST
     experiment with ``layers`` hidden layers (0: 784-10, 1: 784-500-10, 2: 784-500-100-10)."""
-    from bpdl.rules.segregated import DEFAULT_BATCH_SIZE, batch_layer_lrs
+    from bpdl.rules.segregated import DEFAULT_BATCH_SIZE
 
     hidden = {0: (), 1: (500,), 2: (500, 100)}.get(layers)
     if hidden is None:
@@ -78,9 +76,10 @@ def guerguiev2017_config(layers: int = 1, epochs: int = 60, batch_size: int | No
         model_options["symmetric_weights"] = True
     return {
         "dataset": "mnist", "model": "segregated", "model_options": model_options,
-        "rule": "segregated", "rule_options": {},
-        "optimizer": "sgd", "lr": 0.1, "layer_lrs": list(batch_layer_lrs(len(hidden), batch)),
-        "batch_size": batch, "epochs": epochs, "max_examples": max_examples,
+        # optimizer, lr and layer_lrs left to the rule's run defaults: plain SGD with the
+        # paper's per-layer rates rescaled for the batch (batch_layer_lrs)
+        "rule": "segregated", "rule_options": {}, "batch_size": batch, "epochs": epochs,
+        "max_examples": max_examples,
         "eval_every": None, "val_size": 0, "train_eval_size": 0, "test": "every",
         "probe_size": probe_size if hidden else 0, "eval_batch_size": 2000, "seed": seed,
         "device": device, "threads": threads,
@@ -99,7 +98,7 @@ def run_guerguiev2017(out: str | os.PathLike, layers: int = 1, epochs: int = 60,
     learning-curve figure ``out/figures/test_error`` (PNG and PDF)."""
     from bpdl import data as bdata
     from bpdl.metrics import evaluate
-    from bpdl.train import RunConfig, train
+    from bpdl.train import RunConfig, load_learner, train
 
     cfg = RunConfig.from_dict(guerguiev2017_config(layers, epochs, batch_size, variant,
                                                    feedback_bias, seed, threads, device,
@@ -128,7 +127,7 @@ def run_guerguiev2017(out: str | os.PathLike, layers: int = 1, epochs: int = 60,
     if result.status == "completed" and test_repeats > 0:
         learner = result.learner
         if learner is None:  # the run had already finished: rebuild it from the checkpoint
-            learner = _load_learner(cfg, out)
+            learner = load_learner(out)[0]
         test = bdata.load_dataset(cfg.dataset, "test", data_dir, download)
         errors = []
         base_seed = learner.test_seed
@@ -146,20 +145,6 @@ def run_guerguiev2017(out: str | os.PathLike, layers: int = 1, epochs: int = 60,
     (out / "reproduction.md").write_text(reproduction_markdown(record))
     plot_test_error(record, out / "figures" / "test_error")
     return record
-
-
-def _load_learner(cfg, out: Path):
-    from bpdl import data as bdata
-    from bpdl import nn as bnn
-    from bpdl import rules
-
-    shape, classes = bdata.dataset_info(cfg.dataset)
-    torch.manual_seed(cfg.seed)
-    model = bnn.build_model(cfg.model, shape, classes, cfg.model_options)
-    learner = rules.build(cfg.rule, model, cfg.rule_options, model_name=cfg.model)
-    ckpt = torch.load(out / "checkpoints" / "last.pt", map_location="cpu", weights_only=False)
-    learner.load_state_dict(ckpt["learner"])
-    return learner
 
 
 def reproduction_markdown(record: dict[str, Any]) -> str:

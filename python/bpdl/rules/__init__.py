@@ -55,29 +55,5 @@ def build(name: str, model: nn.Module, options: dict[str, Any] | Any | None = No
     return cls(model, cfg)
 
 
-def with_run_defaults(config: dict[str, Any], explicit: set[str] | frozenset[str]
-                      ) -> dict[str, Any]:
-    """``config`` (a run-config dict) with the rule's run defaults
-    (:meth:`Learner.run_defaults`, e.g. plain SGD with the paper's per-layer rates for segregated
-    dendrites) filled into every top-level field not in ``explicit`` (the fields the user, a
-    search space or a study set), and, when no model was set, the rule's own model if it
-    supports only some. An unknown rule is left for the run config to report."""
-    name = config.get("rule", "bp")
-    if name not in RULES:
-        return dict(config)
-    cls = get(name)
-    out = dict(config)
-    # a rule that trains only its own networks gets its first one unless a model was asked for
-    # (`bpdl train --rule segregated` trains the segregated-dendrite network)
-    supported = cls.supported_models
-    if "model" not in explicit and supported and out.get("model", "mlp") not in supported:
-        out["model"] = supported[0]
-    for key, value in cls.run_defaults(dict(out, _explicit=sorted(explicit))).items():
-        if key not in explicit:
-            out[key] = value
-    return out
-
-
 __all__ = ["Learner", "LearnerProtocol", "RULES", "angle_degrees", "build", "get", "names",
-           "with_run_defaults",
            "rule_config"]

@@ -1,19 +1,31 @@
-"""The Learner: the one interface every learning rule implements (ARCHITECTURE.md section 2).
+"""The Learner: the one interface every learning rule implements (docs/architecture.md, "The
+Learner contract").
 
 Every rule is a way of filling ``param.grad``: backprop with the gradient, feedback alignment
 through custom autograd backward passes, target propagation from layer-local losses, segregated
 dendrites and microcircuits by writing the negative of their local weight change (divided by
-the learning rate) as a pseudo-gradient. A ``torch.optim`` optimiser then takes the step, so one
+the learning rate) as a pseudo-gradient. ``torch.optim`` optimisers then take the step, so one
 training loop, one checkpoint format and one set of metrics serve every rule.
 
-The loop calls, per minibatch::
+The loop (:func:`bpdl.train.fit`) builds the optimisers once with
+``learner.setup_optimizers(cfg)`` (which calls :meth:`Learner.configure_optimizers`: by default
+one optimiser, ``"main"``, over :meth:`Learner.parameter_groups`) and calls, per minibatch::
 
-    optimizer.zero_grad(set_to_none=True)
-    stats = learner.training_step(x, y)   # fills .grad; returns {"loss": ..., "correct": ...}
-    optimizer.step()
+    for opt in optimizers.values(): opt.zero_grad(set_to_none=True)
+    stats = learner.training_step(x, y)   # fills .grad; {"loss", "correct", extra scalars...}
+    for opt in optimizers.values(): opt.step()
     learner.after_step()                  # e.g. re-derive feedback weights from W
 
-and ``learner.on_epoch_start(epoch)`` before each epoch, ``learner.predict(x)`` to evaluate.
+``learner.on_epoch_start(epoch)`` before each epoch, ``learner.predict(x)`` and
+``learner.loss(scores, y)`` to evaluate, ``learner.weight_layers()`` and
+``learner.alignment(x, y)`` for the per-layer metrics, ``learner.extra_state_for_config()`` for
+the summary, and ``state_dict`` / ``load_state_dict`` for checkpoints (which also hold every
+optimiser's state by name). Extra scalars a ``training_step`` returns besides ``loss`` and
+``correct`` are averaged over the examples between evaluations and logged as ``running_<name>``.
+A rule that trains parameters with a loss and optimiser of its own (target propagation's
+inverses, weight mirrors' feedback) returns them as further named optimisers; an optimiser whose
+parameters have no ``.grad`` when the loop steps skips them, so such a rule may also step one of
+its own optimisers at another point of the step.
 """
 
 from __future__ import annotations
@@ -30,11 +42,35 @@ from bpdl.nn.init import WEIGHT_LAYERS
 
 @runtime_checkable
 class LearnerProtocol(Protocol):
-    """What the training loop needs from a rule."""
+    """Everything the training loop, the evaluation and the checkpoints call on a rule."""
 
     def training_step(self, x: Tensor, y: Tensor) -> dict[str, Any]: ...  # fills .grad
 
     def predict(self, x: Tensor) -> Tensor: ...  # class scores (N, classes)
+
+    def loss(self, scores: Tensor, y: Tensor) -> Tensor: ...  # mean evaluation loss
+
+    def setup_optimizers(self, cfg: Any) -> dict[str, torch.optim.Optimizer]: ...
+
+    def on_epoch_start(self, epoch: int) -> None: ...
+
+    def after_step(self) -> None: ...
+
+    def weight_layers(self) -> OrderedDict[str, Tensor]: ...
+
+    def alignment(self, x: Tensor, y: Tensor) -> dict[str, dict[str, float]]: ...
+
+    def extra_state_for_config(self) -> dict[str, Any]: ...
+
+    def state_dict(self, *args: Any, **kwargs: Any) -> dict[str, Any]: ...
+
+    def load_state_dict(self, state_dict: dict[str, Any], strict: bool = True) -> Any: ...
+
+    def to(self, *args: Any, **kwargs: Any) -> Any: ...
+
+    def train(self, mode: bool = True) -> Any: ...
+
+    def eval(self) -> Any: ...
 
 
 def angle_degrees(a: Tensor, b: Tensor) -> float:
@@ -91,6 +127,38 @@ class Learner(nn.Module):
     def after_step(self) -> None:
         """Called after every optimiser step (feedback weights derived from W update here)."""
 
+    def configure_optimizers(self, cfg: Any) -> dict[str, torch.optim.Optimizer]:
+        """The optimisers of this rule by name, for the resolved run config ``cfg``. Default:
+        ``{"main": cfg.optimizer over parameter_groups()}`` with ``cfg.lr``, ``cfg.layer_lrs``
+        and ``cfg.optimizer_options``. Rules with parameters trained by a loss of their own add
+        further entries (their own optimiser class and learning rate, usually from the rule's
+        options); each parameter may belong to one optimiser only."""
+        from bpdl.optim import build_optimizer
+
+        return {"main": build_optimizer(cfg.optimizer, self.parameter_groups(), cfg.lr,
+                                        cfg.layer_lrs, cfg.optimizer_options)}
+
+    def setup_optimizers(self, cfg: Any) -> dict[str, torch.optim.Optimizer]:
+        """:meth:`configure_optimizers`, checked: a non-empty dict of ``torch.optim``
+        optimisers by name that share no parameter (one would be stepped twice)."""
+        from bpdl.errors import ConfigError
+
+        optimizers = self.configure_optimizers(cfg)
+        if not isinstance(optimizers, dict) or not optimizers or not all(
+                isinstance(k, str) and isinstance(v, torch.optim.Optimizer)
+                for k, v in optimizers.items()):
+            raise TypeError(f"{type(self).__name__}.configure_optimizers must return a non-empty "
+                            f"dict of torch.optim optimisers by name, got {optimizers!r}")
+        owner: dict[int, str] = {}
+        for name, opt in optimizers.items():
+            for group in opt.param_groups:
+                for p in group["params"]:
+                    if id(p) in owner and owner[id(p)] != name:
+                        raise ConfigError(f"a parameter of shape {tuple(p.shape)} belongs to both "
+                                          f"optimisers {owner[id(p)]!r} and {name!r}")
+                    owner[id(p)] = name
+        return optimizers
+
     def parameter_groups(self) -> list[dict[str, Any]]:
         """Optimiser parameter groups, one per weight layer in forward order, each a dict with
         ``name`` and ``params`` (and optional per-group settings such as ``lr``).
@@ -144,11 +212,12 @@ class Learner(nn.Module):
         return {}
 
     @classmethod
-    def run_defaults(cls, config: dict[str, Any]) -> dict[str, Any]:
-        """Run-config fields this rule needs by default, given the (partial) run config the user
-        asked for: the command line applies them to every field the user did not set.
-        Rules whose original algorithm assumes a particular optimiser (plain SGD with per-layer
-        rates for segregated dendrites) return it here; the base class returns nothing."""
+    def run_defaults(cls, config: Any) -> dict[str, Any]:
+        """Run-config fields this rule needs by default, given the run config as the caller
+        gave it (a :class:`bpdl.train.RunConfig` whose unset fields are None):
+        :func:`bpdl.train.resolve_config` applies them to the fields still unset. Rules whose
+        original algorithm assumes a particular optimiser (plain SGD with per-layer rates for
+        segregated dendrites) return it here; the base class returns nothing."""
         return {}
 
     def extra_state_for_config(self) -> dict[str, Any]:

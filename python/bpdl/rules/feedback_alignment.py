@@ -253,7 +253,15 @@ class WeightMirrors(FeedbackLearner):
     """Weight mirrors (Akrout et al. 2019): feedback alignment whose B is learned in "mirror"
     steps, each layer driven by zero-mean input noise xi: dB = eta_B y^T xi - lambda_B B with
     y = W xi (E[y xi^T] = sigma^2 W, so B's direction converges to W's). One mirror step per
-    training step (after the update) and ``mirror_pretrain_steps`` before training."""
+    training step (after the update, so it sees the new W) and ``mirror_pretrain_steps`` before
+    training.
+
+    The feedback tensors have an optimiser of their own, ``"mirror"`` (plain SGD at
+    ``mirror_lr`` on the pseudo-gradient -y^T xi), returned by :meth:`configure_optimizers`
+    next to the forward weights' ``"main"``, so its state is checkpointed with the run. The
+    learner steps it itself in :meth:`mirror_step`; when the loop steps every optimiser after
+    ``training_step`` the feedback has no gradient and the mirror optimiser leaves it alone.
+    """
 
     name = "wm"
     config_cls = WMConfig
@@ -262,6 +270,25 @@ class WeightMirrors(FeedbackLearner):
         super().__init__(model, config)
         self.register_buffer("mirror_steps", torch.zeros((), dtype=torch.int64))
         self.register_buffer("mirror_pretrained", torch.zeros((), dtype=torch.bool))
+        self._mirror_opt: torch.optim.Optimizer | None = None
+
+    def mirrored_layers(self) -> list[FeedbackLayer]:
+        """The layers whose feedback B is learned by mirror steps."""
+        return [layer for _, layer in self.layers()
+                if layer.mode == "wm" and not layer.last_layer_bp]
+
+    def mirror_optimizer(self) -> torch.optim.Optimizer:
+        """The optimiser of the feedback tensors, over the current tensors (rebuilt if they were
+        replaced since, by a device move or a new conversion; plain SGD keeps no state)."""
+        feedback = [layer.feedback for layer in self.mirrored_layers()] or [torch.zeros(0)]
+        current = None if self._mirror_opt is None else self._mirror_opt.param_groups[0]["params"]
+        if current is None or len(current) != len(feedback) or any(
+                a is not b for a, b in zip(current, feedback, strict=True)):
+            self._mirror_opt = torch.optim.SGD(feedback, lr=self.config.mirror_lr)
+        return self._mirror_opt
+
+    def configure_optimizers(self, cfg: Any) -> dict[str, torch.optim.Optimizer]:
+        return {**super().configure_optimizers(cfg), "mirror": self.mirror_optimizer()}
 
     def on_epoch_start(self, epoch: int) -> None:
         if not bool(self.mirror_pretrained):
@@ -275,12 +302,12 @@ class WeightMirrors(FeedbackLearner):
 
     @torch.no_grad()
     def mirror_step(self, batch: int) -> None:
-        """One mirror step on every layer with a learned B."""
+        """One mirror step on every layer with a learned B: B <- (1 - lambda_B) B + eta_B y^T xi,
+        the decay applied here and the increment by the mirror optimiser (SGD on -y^T xi)."""
         cfg = self.config
         step = int(self.mirror_steps)
-        for _, layer in self.layers():
-            if layer.mode != "wm" or layer.last_layer_bp:
-                continue
+        layers = self.mirrored_layers()
+        for layer in layers:
             shape = layer.input_shape
             if shape is None:
                 raise RuntimeError(f"weight mirrors need the input shape of {layer.layer_type} "
@@ -298,8 +325,12 @@ class WeightMirrors(FeedbackLearner):
             if cfg.mirror_reduction == "mean":
                 delta = delta / (batch * (math.prod(y.shape[2:]) if isinstance(
                     layer, nn.Conv2d) else 1))
-            b = layer.feedback
-            b.mul_(1.0 - cfg.mirror_decay).add_(delta, alpha=cfg.mirror_lr)
+            layer.feedback.mul_(1.0 - cfg.mirror_decay)
+            layer.feedback.grad = delta.neg_()
+        if layers:
+            opt = self.mirror_optimizer()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
         self.mirror_steps.add_(1)
 
 

@@ -225,16 +225,15 @@ class SegregatedDendrites(Learner):
         return OrderedDict((f"layers.{m}", layer.weight) for m, layer in enumerate(self.net.layers))
 
     @classmethod
-    def run_defaults(cls, config: dict[str, Any]) -> dict[str, Any]:
+    def run_defaults(cls, config: Any) -> dict[str, Any]:
         """Plain SGD with the paper's per-layer rates, rescaled for the batch size
-        (:func:`batch_layer_lrs`), and a batch of DEFAULT_BATCH_SIZE lanes; a learning rate the
-        user gave applies to every layer instead."""
-        explicit = set(config.get("_explicit", ()))
+        (:func:`batch_layer_lrs`), and a batch of DEFAULT_BATCH_SIZE lanes; a learning rate or
+        an optimiser the caller set applies to every layer instead."""
         out: dict[str, Any] = {"optimizer": "sgd"}
-        batch = config.get("batch_size") if "batch_size" in explicit else DEFAULT_BATCH_SIZE
+        batch = config.batch_size if config.batch_size is not None else DEFAULT_BATCH_SIZE
         out["batch_size"] = batch
-        if "lr" not in explicit and "optimizer" not in explicit:
-            model_options = config.get("model_options") or {}
+        if config.lr is None and config.optimizer is None:
+            model_options = config.model_options or {}
             hidden = model_options.get("hidden", (500,))
             try:
                 out["layer_lrs"] = list(batch_layer_lrs(len(hidden), int(batch),

@@ -204,7 +204,7 @@ def trial_config(cfg: StudyConfig, space: sp.SearchSpace, flat: dict[str, Any],
                  seed: int) -> dict[str, Any]:
     """The run config (as a dict) of one trial: study settings, the space's fixed settings,
     the study's ``fixed`` settings, then the searched values; the rule's run defaults
-    (:meth:`bpdl.rules.Learner.run_defaults`) fill the fields none of these set."""
+    (:func:`bpdl.train.rule_defaults`) fill the fields none of these set."""
     base: dict[str, Any] = {
         "dataset": cfg.dataset, "model": cfg.model, "rule": cfg.rule, "epochs": cfg.epochs,
         "seed": seed, "test": "never", "val_size": 0,
@@ -214,13 +214,11 @@ def trial_config(cfg: StudyConfig, space: sp.SearchSpace, flat: dict[str, Any],
     d = sp.deep_merge(base, space.fixed)
     d = sp.deep_merge(d, cfg.fixed)
     d = sp.deep_merge(d, decoded)
-    # the rule's run defaults for every field neither the space nor the study set, as
-    # `bpdl train` applies them
-    from bpdl import rules
+    # the rule's run defaults for every field neither the space nor the study set, as every
+    # entry point applies them (bpdl.train.resolve_config); bpdl's own defaults stay implicit
+    from bpdl.train import RunConfig, rule_defaults
 
-    explicit = {"model"} | {path.split(".")[0] for source in (space.fixed, cfg.fixed, decoded)
-                            for path in sp.flatten_paths(source)}
-    return rules.with_run_defaults(d, explicit)
+    return {**d, **rule_defaults(RunConfig.from_dict(d))}
 
 
 def check_proposal(config: dict[str, Any], shape: tuple[int, int, int], classes: int) -> None:
@@ -228,15 +226,11 @@ def check_proposal(config: dict[str, Any], shape: tuple[int, int, int], classes:
     model or learner that cannot be built for inputs of ``shape`` (built on the CPU)."""
     import torch
 
-    from bpdl import nn as bnn
-    from bpdl import rules
-    from bpdl.train import RunConfig, validate
+    from bpdl.train import RunConfig, build_learner, validate
 
-    run_cfg = RunConfig.from_dict({**config, "device": "cpu"})
-    validate(run_cfg)
+    run_cfg = validate(RunConfig.from_dict({**config, "device": "cpu"}))
     with torch.random.fork_rng(devices=[]):
-        model = bnn.build_model(run_cfg.model, shape, classes, run_cfg.model_options)
-        rules.build(run_cfg.rule, model, run_cfg.rule_options, model_name=run_cfg.model)
+        build_learner(run_cfg, shape, classes)
 
 
 def format_duration(seconds: float) -> str:
