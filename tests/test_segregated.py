@@ -86,6 +86,44 @@ def test_rule_options_are_validated():
         rules.build("segregated", torch.nn.Linear(3, 2), {}, model_name="mlp")
 
 
+def test_learned_feedback_trains_y_at_its_own_rates():
+    """learn_feedback: Y and c get their own parameter groups at the feedback_lrs (a list, or one
+    number for every hidden layer) and one SGD step moves them by -lr * grad."""
+    from bpdl.train import RunConfig
+
+    for feedback_lrs, expected in (((0.05, 0.02), (0.05, 0.02)), (0.01, (0.01, 0.01))):
+        torch.manual_seed(0)
+        net = SegregatedDendriteNet(784, 10, SegregatedNetConfig(
+            hidden=(20, 12), learn_feedback=True, feedback_bias="ghead"))
+        learner = SegregatedDendrites(net, SegregatedConfig(feedback_lrs=feedback_lrs, seed=3))
+        optimizer = learner.setup_optimizers(RunConfig(rule="segregated", optimizer="sgd",
+                                                       lr=0.1))["main"]
+        rates = {g["name"]: g["lr"] for g in optimizer.param_groups}
+        assert (rates["feedback.0"], rates["feedback.1"]) == expected
+        x, y = torch.rand(8, 784), torch.arange(8)
+        before = [y_.detach().clone() for y_ in learner.net.feedback]
+        learner.training_step(x, y)
+        grads = [y_.grad.clone() for y_ in learner.net.feedback]
+        assert all(g.abs().sum() > 0 for g in grads)
+        assert learner.net.feedback_bias[0].grad is not None
+        optimizer.step()
+        for m, (b0, g) in enumerate(zip(before, grads, strict=True)):
+            assert torch.equal(learner.net.feedback[m].detach(), b0 - expected[m] * g)
+
+
+def test_cli_learned_feedback_with_one_rate(real_data_root, tmp_path):
+    """``--rule-opt feedback_lrs=0.01`` (one number) works from the command line."""
+    out = tmp_path / "fb"
+    rc = main(["train", "--rule", "segregated", "--dataset", "mnist", "--data-dir",
+               str(real_data_root), "--offline", "--max-examples", "64", "--val-size", "100",
+               "--model-opt", "learn_feedback=true", "--model-opt", "hidden=[30]",
+               "--rule-opt", "feedback_lrs=0.01", "--test", "never", "--no-progress",
+               "--out", str(out), "--threads", "1"])
+    assert rc == 0
+    assert json.loads((out / "summary.json").read_text())["status"] == "completed"
+    assert json.loads((out / "config.json").read_text())["rule_options"]["feedback_lrs"] == 0.01
+
+
 @pytest.mark.parametrize("x,match", [
     (torch.full((2, 1, 28, 28), float("nan")), "NaN"),
     (torch.full((2, 1, 28, 28), 1.5), r"in \[0, 1\]"),
@@ -189,7 +227,7 @@ def test_one_lane_follows_the_single_example_port_step_for_step(mnist, backend, 
     for i in range(2):
         x = bdata.to_float(mnist.images[i:i + 1], torch.float64)
         y = mnist.labels[i:i + 1]
-        lengths, windows, offsets = learner.phase_plan(torch.tensor([i]), learner.seed)
+        lengths, windows, offsets = learner.sim.phase_plan(torch.tensor([i]), learner.seed)
         loss, pred = port.train_example(x.reshape(-1).numpy(), np.eye(10)[int(y)],
                                         tuple(lengths[0].tolist()), tuple(windows[0].tolist()))
         opt.zero_grad()
@@ -209,7 +247,7 @@ def test_one_lane_follows_the_single_example_port_step_for_step(mnist, backend, 
     port.spikes = philox_draws(learner.test_seed, lane_key=0)
     x = bdata.to_float(mnist.images[5:6], torch.float64)
     expected = port.test_example(x.reshape(-1).numpy())
-    got = learner.test_potentials(learner._rates(x))[0].numpy()
+    got = learner.sim.test_potentials(learner.sim.rates(x))[0].numpy()
     np.testing.assert_allclose(got, expected, rtol=1e-10, atol=1e-10)
 
 
@@ -233,22 +271,22 @@ def test_summed_and_averaged_updates(mnist):
 @pytest.mark.parametrize("model_opts", [{}, {"window": "paper"},
                                         {"random_phase_lengths": False}])
 def test_cached_phase_plan_slices_equal_the_phase_plan(model_opts):
-    from bpdl.rules.segregated import PLAN_BLOCK
+    from bpdl.nn.segregated_simulator import PLAN_BLOCK
 
     learner = _learner(hidden=(20,), **model_opts)
     cpu = torch.device("cpu")
     for first, count in ((0, 32), (1000, 7), (PLAN_BLOCK - 32, 32), (3 * PLAN_BLOCK + 5, 1)):
-        lengths, windows = learner._plan_slices(first, count, learner.seed, cpu)
-        ref_lengths, ref_windows, offsets = learner.phase_plan(
+        lengths, windows = learner.sim.plan_slices(first, count, learner.seed, cpu)
+        ref_lengths, ref_windows, offsets = learner.sim.phase_plan(
             torch.arange(first, first + count), learner.seed)
         assert offsets is None
         assert torch.equal(lengths, ref_lengths) and torch.equal(windows, ref_windows)
     if learner.params.random_phase_lengths:  # the comparison above is not between constants
-        assert learner._plan_slices(0, 32, learner.seed, cpu)[0].unique().numel() > 1
+        assert learner.sim.plan_slices(0, 32, learner.seed, cpu)[0].unique().numel() > 1
     # a batch across two cached blocks, and random plateau times, take the general plan
-    assert learner._plan_slices(PLAN_BLOCK - 3, 8, learner.seed, cpu) is None
+    assert learner.sim.plan_slices(PLAN_BLOCK - 3, 8, learner.seed, cpu) is None
     plateaus = _learner(hidden=(20,), random_plateaus=True)
-    assert plateaus._plan_slices(0, 4, plateaus.seed, cpu) is None
+    assert plateaus.sim.plan_slices(0, 4, plateaus.seed, cpu) is None
 
 
 def test_state_carries_over_and_checkpoints_restore_it(mnist):

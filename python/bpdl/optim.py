@@ -78,8 +78,10 @@ def build_optimizer(name: str, groups: list[dict[str, Any]], lr: float,
     """Optimiser ``name`` over a learner's parameter groups.
 
     Each group's learning rate is, in order of precedence: ``layer_lrs[i]`` (one per group, in
-    the learner's group order), the group's own ``lr`` (rules may set it, e.g. separate inverse
-    rates), else ``lr``. Group ``name`` keys are kept for logging.
+    the learner's group order), the group's own ``lr`` (rules may set it, e.g. the learned
+    feedback weights of segregated dendrites), else ``lr``. ``layer_lrs`` has one entry per
+    group, or one per group without a rate of its own (the others keep theirs). Group ``name``
+    keys are kept for logging.
     """
     options = dict(options or {})
     validate_optimizer(name, lr, layer_lrs, options)
@@ -87,13 +89,16 @@ def build_optimizer(name: str, groups: list[dict[str, Any]], lr: float,
     if not groups:
         raise ConfigError("the model has no trainable parameters")
     if layer_lrs is not None:
-        if len(layer_lrs) != len(groups):
+        free = [g for g in groups if "lr" not in g]
+        targets = groups if len(layer_lrs) == len(groups) else free
+        if len(layer_lrs) != len(targets):
             names = [g.get("name", str(i)) for i, g in enumerate(groups)]
             raise ConfigError(
                 f"layer_lrs has {len(layer_lrs)} entries but the learner has {len(groups)} "
                 f"parameter groups ({', '.join(names)}); give one learning rate per group"
-            )
-        for g, glr in zip(groups, layer_lrs, strict=False):
+                + (f" or per group without a rate of its own ({len(free)})"
+                   if len(free) != len(groups) else ""))
+        for g, glr in zip(targets, layer_lrs, strict=True):
             g["lr"] = float(glr)
     for g in groups:
         g.setdefault("lr", float(lr))

@@ -6,7 +6,6 @@ writes it as both PNG and PDF. ``bpdl plot`` is the command-line front end.
 
 from __future__ import annotations
 
-import json
 import os
 from collections.abc import Sequence
 from pathlib import Path
@@ -15,36 +14,12 @@ from typing import Any
 from matplotlib.figure import Figure
 
 from bpdl.errors import RunDirError
+from bpdl.runs import load_run
 
 __all__ = [
     "load_run", "save_figure", "plot_learning_curves", "plot_weight_dynamics",
     "plot_alignment", "plot_comparison", "run_label",
 ]
-
-
-def load_run(run_dir: str | os.PathLike) -> dict[str, Any]:
-    """A run directory's config, metrics history and summary (None if unfinished)."""
-    path = Path(run_dir)
-    metrics = path / "metrics.jsonl"
-    if not metrics.exists():
-        raise RunDirError(f"{path} is not a bpdl run directory (no metrics.jsonl); pass folders "
-                          f"written by `bpdl train --out`")
-    history = []
-    for line in metrics.read_text().splitlines():
-        try:
-            history.append(json.loads(line))
-        except json.JSONDecodeError:
-            break
-    config = {}
-    if (path / "config.json").exists():
-        config = json.loads((path / "config.json").read_text())
-    summary = None
-    if (path / "summary.json").exists():
-        try:
-            summary = json.loads((path / "summary.json").read_text())
-        except json.JSONDecodeError:
-            summary = None
-    return {"path": path, "config": config, "history": history, "summary": summary}
 
 
 def run_label(run: dict[str, Any]) -> str:
@@ -197,7 +172,7 @@ def plot_alignment(run_dirs: Sequence[str | os.PathLike | dict[str, Any]],
                 xs, ys = _layer_series(run["history"], layer, key)
                 if xs:
                     # a feedback tensor that never carries a signal (FA's first layer) is
-                    # shown, faded and labelled, as ALGORITHMS.md 3.7 asks
+                    # shown, faded and labelled (docs/algorithms/feedback_alignment.md §3.7)
                     _, used = _layer_series(run["history"], layer, "feedback_used")
                     unused = key == "angle_weight_feedback" and used and not any(used)
                     ax.plot(xs, ys, styles[i % 4], color=f"C{j % 10}",
