@@ -82,6 +82,21 @@ def test_plot_two_runs_into_one_figure(tmp_path, capsys):
     assert main(["plot", "weights", runs[0]]) == 0
     assert (tmp_path / "a" / "figures" / "weights.png").exists()
     capsys.readouterr()
+    # a damaged metrics file is one error line and exit status 2, not an empty figure
+    metrics = tmp_path / "a" / "metrics.jsonl"
+    lines = metrics.read_text().splitlines()
+    metrics.write_text("\n".join([lines[0], "{not json", *lines[1:]]) + "\n")
+    broken = tmp_path / "fig" / "broken"
+    assert main(["plot", runs[0], "--out", str(broken)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and "line 2 is not a JSON record" in err
+    assert not broken.with_suffix(".png").exists()
+    metrics.write_text("")
+    assert main(["plot", runs[0], "--out", str(broken)]) == 2
+    assert "holds no evaluation record" in capsys.readouterr().err
+    # a line cut short by a crash at the end is what a resume drops too: the rest is plotted
+    metrics.write_text("\n".join(lines) + '\n{"eval": 9, "exa')
+    assert main(["plot", runs[0], "--out", str(broken)]) == 0
 
 
 @pytest.mark.parametrize("args,match", [
@@ -95,6 +110,9 @@ def test_plot_two_runs_into_one_figure(tmp_path, capsys):
     (["train", "--model", "cnn", "--channels", "8,8,8,8,8"], "CNN block 5"),
     (["train", "--hidden", "10", "--model", "cnn"], "unknown cnn model option"),
     (["plot", "/nonexistent/run"], "not a bpdl run directory"),
+    (["reproduce", "lillicrap2016", "--layers", "2"],
+     "experiment 'lillicrap2016' has no option.*--layers"),
+    (["reproduce", "lillicrap2016", "--entries", "nope"], "has no run"),
 ])
 def test_bad_input_is_one_clear_line(tmp_path, args, match):
     out = tmp_path / "run"

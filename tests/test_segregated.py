@@ -442,7 +442,7 @@ def test_cli_train_and_plot_dynamics(real_data_root, tmp_path, capsys):
 
 
 def test_guerguiev2017_config_defaults_and_errors():
-    from bpdl.segregated_experiments import REPRODUCTION_BATCH, guerguiev2017_config
+    from bpdl.experiments.segregated import REPRODUCTION_BATCH, guerguiev2017_config
     from bpdl.train import resolve_config
 
     one, two = guerguiev2017_config(layers=1), guerguiev2017_config(layers=2)

@@ -244,7 +244,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
 
 def _has_angles(run_dir: Path) -> bool:
     """Whether a run directory's metrics hold any alignment angle."""
-    from bpdl.plots import load_run
+    from bpdl.runs import load_run
 
     try:
         history = load_run(run_dir)["history"]
@@ -256,50 +256,71 @@ def _has_angles(run_dir: Path) -> bool:
 
 # ---- reproduce --------------------------------------------------------------------------------
 
-def _reproduce_guerguiev2017(args: argparse.Namespace) -> int:
-    from bpdl.segregated_experiments import run_guerguiev2017
-
-    out = Path(args.out) if args.out else Path("runs") / "reproduce" / (
-        f"guerguiev2017-{args.layers}layer" + ("" if args.variant == "fixed" else f"-{args.variant}"))
-    progress = False if args.no_progress else None
-    record = run_guerguiev2017(out, layers=args.layers,
-                               epochs=60 if args.epochs is None else args.epochs,
-                               batch_size=args.batch_size, variant=args.variant,
-                               feedback_bias=args.feedback_bias, seed=args.seed,
-                               test_repeats=args.test_repeats, threads=args.threads,
-                               device=args.device, max_examples=args.max_examples,
-                               data_dir=args.data_dir, download=_download(args),
-                               progress=progress)
-    print((out / "reproduction.md").read_text())
-    print(f"figures: {out / 'figures' / 'test_error.png'} (and .pdf)")
-    return 3 if record["status"] == "diverged" else 0
-
-
 def cmd_reproduce(args: argparse.Namespace) -> int:
     from bpdl.errors import ConfigError
-    from bpdl.experiments import EXPERIMENTS, run_experiment
+    from bpdl.experiments import EXPERIMENTS, RunSettings, run_experiment
 
     if args.list or args.name is None:
         for name in EXPERIMENTS.names():
             exp = EXPERIMENTS.get(name)
-            runs = ", ".join(r.label for r in exp.runs)
-            print(f"{name}: {exp.title} [runs: {runs}]")
-        print("guerguiev2017: Guerguiev, Lillicrap & Richards (2017), segregated dendrites on "
-              "MNIST [--layers 0|1|2, --variant fixed|sparse|symmetric]")
+            runs = ", ".join(r.label for r in exp.selected_runs(exp.resolve_options({})))
+            flags = " ".join(o.flag for o in exp.options)
+            print(f"{name}: {exp.title} [runs: {runs}]" + (f" [options: {flags}]" if flags else ""))
         if args.name is None and not args.list:
             raise ConfigError("give an experiment name (see the list above)")
         return 0
-    if args.name == "guerguiev2017":
-        return _reproduce_guerguiev2017(args)
-    out = Path(args.out) if args.out else Path("runs") / "reproduce" / args.name
-    progress = False if args.no_progress else None
-    rows = run_experiment(args.name, out, epochs=args.epochs, entries=args.entries,
-                          threads=args.threads, max_examples=args.max_examples,
-                          data_dir=args.data_dir, download=_download(args),
-                          progress=progress, log=lambda s: print(s, file=sys.stderr, flush=True))
-    print((out / "results.md").read_text())
-    print(f"figures: {out / 'learning_curves.png'} (and alignment.png where recorded)")
-    return 3 if any(r["status"] == "diverged" for r in rows) else 0
+    experiment = EXPERIMENTS.get(args.name)
+    given = {name: getattr(args, name) for name in _experiment_options()
+             if getattr(args, name) is not None}
+    settings = RunSettings(epochs=args.epochs, entries=args.entries, threads=args.threads,
+                           max_examples=args.max_examples, seed=args.seed, device=args.device,
+                           data_dir=args.data_dir, download=_download(args),
+                           progress=False if args.no_progress else None,
+                           log=lambda s: print(s, file=sys.stderr, flush=True))
+    report = run_experiment(experiment.name, args.out, settings, **given)
+    print(report.markdown.read_text())
+    shown = [str(f) for f in report.figures]
+    if shown:
+        print(f"figures: {', '.join(shown)} (and .pdf)")
+    return EXIT_DIVERGED if report.diverged else 0
+
+
+def _experiment_options() -> dict[str, Any]:
+    """Every option any registered experiment declares, by keyword: (option, experiments)."""
+    from bpdl.experiments import EXPERIMENTS
+
+    found: dict[str, Any] = {}
+    for name in EXPERIMENTS.names():
+        for opt in EXPERIMENTS.get(name).options:
+            found.setdefault(opt.name, (opt, []))[1].append(name)
+    return found
+
+
+def _add_reproduce_parser(sub) -> None:
+    p = sub.add_parser("reproduce", help="rerun a published experiment and compare with its "
+                                         "numbers",
+                       description="Train the runs of a named published experiment (see --list) "
+                                   "into OUT/<run> and write a report with the published and "
+                                   "measured test errors. Rerunning resumes.")
+    p.add_argument("name", nargs="?", default=None, help="experiment name (see --list)")
+    p.add_argument("--list", action="store_true", help="list the experiments")
+    p.add_argument("--epochs", type=int, default=None,
+                   help="train this many epochs instead of the published number")
+    p.add_argument("--entries", nargs="+", default=None, help="only these runs (labels)")
+    p.add_argument("--max-examples", type=int, default=None,
+                   help="stop each run after this many training examples (smoke tests)")
+    p.add_argument("--out", default=None, help="output folder (default runs/reproduce/NAME)")
+    p.add_argument("--threads", type=int, default=None, help="CPU threads for torch")
+    p.add_argument("--seed", type=int, default=None, help="run seed (default: the experiment's)")
+    p.add_argument("--device", default=None, help="auto (default), cpu, cuda, cuda:N")
+    p.add_argument("--data-dir", default=None)
+    p.add_argument("--offline", action="store_true", help="never download datasets")
+    p.add_argument("--no-progress", action="store_true")
+    g = p.add_argument_group("options of single experiments")
+    for name, (opt, owners) in _experiment_options().items():
+        g.add_argument(opt.flag, dest=name, type=opt.type, default=None, choices=opt.choices,
+                       help=f"{opt.help} ({', '.join(owners)}; default {opt.default})")
+    p.set_defaults(func=cmd_reproduce)
 
 
 # ---- plot -------------------------------------------------------------------------------------
@@ -333,7 +354,7 @@ def cmd_plot(args: argparse.Namespace) -> int:
     elif kind == "comparison":
         plots.plot_comparison(runs, out, labels=labels, title=args.title)
     elif kind == "dynamics":
-        from bpdl.dynamics import plot_run_dynamics
+        from bpdl.plots.dynamics import plot_run_dynamics
 
         if len(runs) != 1:
             raise ConfigError("`bpdl plot dynamics` takes one run directory")
@@ -418,37 +439,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", type=Path, default=Path("runs/compare"), help="output folder")
     p.set_defaults(func=cmd_compare)
 
-    p = sub.add_parser("reproduce", help="rerun a published experiment and compare with its "
-                                         "numbers",
-                       description="Train the runs of a named published experiment (see --list) "
-                                   "into OUT/<run> and write OUT/results.md with the published "
-                                   "and measured test errors. Rerunning resumes.")
-    p.add_argument("name", nargs="?", default=None, help="experiment name (see --list)")
-    p.add_argument("--list", action="store_true", help="list the experiments")
-    p.add_argument("--epochs", type=int, default=None,
-                   help="train this many epochs instead of the published number")
-    p.add_argument("--entries", nargs="+", default=None, help="only these runs (labels)")
-    p.add_argument("--max-examples", type=int, default=None,
-                   help="stop each run after this many training examples (smoke tests)")
-    p.add_argument("--out", default=None, help="output folder (default runs/reproduce/NAME)")
-    p.add_argument("--threads", type=int, default=None, help="CPU threads for torch")
-    p.add_argument("--data-dir", default=None)
-    p.add_argument("--offline", action="store_true", help="never download datasets")
-    p.add_argument("--no-progress", action="store_true")
-    g = p.add_argument_group("guerguiev2017 (segregated dendrites) only")
-    g.add_argument("--layers", type=int, default=1, choices=(0, 1, 2),
-                   help="hidden layers: 0 (784-10), 1 (784-500-10), 2 (784-500-100-10)")
-    g.add_argument("--variant", default="fixed", choices=("fixed", "sparse", "symmetric"),
-                   help="feedback weights (sparse/symmetric: 784-500-10 only)")
-    g.add_argument("--feedback-bias", default="none", choices=("none", "g23f", "ghead"))
-    g.add_argument("--batch-size", type=int, default=None,
-                   help="lanes per update (default 32; 16 with --layers 2; the rates are "
-                        "rescaled for it)")
-    g.add_argument("--test-repeats", type=int, default=20,
-                   help="repeated tests of the final weights (the paper averages 20)")
-    g.add_argument("--seed", type=int, default=0)
-    g.add_argument("--device", default="auto")
-    p.set_defaults(func=cmd_reproduce)
+    _add_reproduce_parser(sub)
 
     p = sub.add_parser("plot", help="figures from run directories",
                        description="Plot run directories. KIND is curves (default: learning "

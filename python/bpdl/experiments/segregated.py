@@ -1,17 +1,18 @@
-"""The MNIST experiments of Guerguiev, Lillicrap & Richards (2017) as one command
-(``bpdl reproduce guerguiev2017 --layers 1``; ALGORITHMS.md sections 5.9 and 7.1).
+"""The MNIST experiments of Guerguiev, Lillicrap & Richards (2017, "G17"), registered as
+``guerguiev2017`` (``bpdl reproduce guerguiev2017 --layers 1``;
+docs/algorithms/segregated_dendrites.md §5.9, docs/algorithms/published_results.md §7.1).
 
 Protocol of the paper: all 60,000 training images (no validation split), the order reshuffled
 every epoch, a full test on the 10,000 test images after every epoch, 60 epochs, plain SGD with
-the per-layer rates of section 5.9, fixed random broadcast feedback, spiking mode. The paper
+the per-layer rates of §5.9, fixed random broadcast feedback, spiking mode. The paper
 reports the mean over 20 repeated tests of the final weights (tests are stochastic), so the
-command ends with ``test_repeats`` tests with different spike seeds. The published learning
-rates were tuned on the test set (ALGORITHMS.md 8.11); bpdl reuses them without further tuning
-and labels the test curve as the paper's protocol.
+experiment ends with ``test_repeats`` tests with different spike seeds. The published learning
+rates were tuned on the test set (docs/algorithms/pitfalls.md §8.11); bpdl reuses them without
+further tuning and labels the test curve as the paper's protocol.
 
-bpdl simulates minibatches of lanes in parallel (section 5.16) and rescales the paper's
-per-example rates for the batch (:func:`bpdl.rules.segregated.batch_layer_lrs`). The default
-batch is 32 lanes, 16 for the two-hidden-layer network (:data:`REPRODUCTION_BATCH`).
+bpdl simulates minibatches of lanes in parallel (§5.16) and rescales the paper's per-example
+rates for the batch (:func:`bpdl.rules.segregated.batch_layer_lrs`, the rule's run defaults).
+The default batch is 32 lanes, 16 for the two-hidden-layer network (:data:`REPRODUCTION_BATCH`).
 """
 
 from __future__ import annotations
@@ -24,10 +25,19 @@ from pathlib import Path
 from typing import Any
 
 from bpdl.errors import ConfigError
+from bpdl.experiments import (
+    Experiment,
+    ExperimentOption,
+    ExperimentReport,
+    ExperimentRun,
+    RunSettings,
+    register,
+)
 
-__all__ = ["PUBLISHED", "REPRODUCTION_BATCH", "guerguiev2017_config", "run_guerguiev2017"]
+__all__ = ["PUBLISHED", "REPRODUCTION_BATCH", "Guerguiev2017", "guerguiev2017_config",
+           "run_guerguiev2017"]
 
-#: Published test errors (%), G17 via ALGORITHMS.md 7.1.
+#: Published test errors (%), G17 (docs/algorithms/published_results.md §7.1).
 PUBLISHED: dict[str, float] = {
     "784-10": 8.3,
     "784-500-10": 4.1,
@@ -192,3 +202,60 @@ def plot_test_error(record: dict[str, Any], out: str | os.PathLike) -> None:
     ax.legend(fontsize=8)
     ax.set_title(f"Guerguiev et al. 2017, MNIST {record['network']}")
     save_figure(fig, out)
+
+
+class Guerguiev2017(Experiment):
+    """G17's MNIST runs as one registered experiment: one run per choice of ``--layers`` and
+    ``--variant``, trained by :func:`run_guerguiev2017` (the repeated tests of the final
+    weights are part of the protocol)."""
+
+    def default_out(self, options: dict[str, Any]) -> Path:
+        suffix = "" if options["variant"] == "fixed" else f"-{options['variant']}"
+        return Path("runs") / "reproduce" / f"guerguiev2017-{options['layers']}layer{suffix}"
+
+    def selected_runs(self, options: dict[str, Any]) -> tuple[ExperimentRun, ...]:
+        config = guerguiev2017_config(options["layers"], batch_size=options["batch_size"],
+                                      variant=options["variant"],
+                                      feedback_bias=options["feedback_bias"])
+        label = _label(tuple(config["model_options"]["hidden"]), options["variant"])
+        return (ExperimentRun(label, config, PUBLISHED.get(label)),)
+
+    def run(self, out: Path, settings: RunSettings, options: dict[str, Any]) -> ExperimentReport:
+        record = run_guerguiev2017(
+            out, layers=options["layers"], epochs=60 if settings.epochs is None else settings.epochs,
+            batch_size=options["batch_size"], variant=options["variant"],
+            feedback_bias=options["feedback_bias"],
+            seed=0 if settings.seed is None else settings.seed,
+            test_repeats=options["test_repeats"], threads=settings.threads,
+            device=settings.device or "auto", max_examples=settings.max_examples,
+            data_dir=settings.data_dir, download=settings.download, progress=settings.progress,
+            log=settings.log)
+        row = {"label": record["network"], "status": record["status"],
+               "published_test_error": record["published_test_error"],
+               "test_error": record.get("final_test_error_mean")}
+        return ExperimentReport([row], out / "reproduction.md",
+                                [out / "figures" / "test_error.png"])
+
+
+register(Guerguiev2017(
+    name="guerguiev2017",
+    title="Guerguiev, Lillicrap & Richards 2017: segregated dendrites on MNIST",
+    source="Guerguiev, Lillicrap & Richards (2017), eLife 6:e22901, Figs. 5-7",
+    protocol=("60,000 training images, the test set after every epoch, 60 epochs, plain SGD with "
+              "the paper's per-layer rates rescaled for the lanes of a batch, spiking mode; the "
+              "mean of 20 repeated tests of the final weights (docs/algorithms/"
+              "published_results.md §7.1)"),
+    runs=(),
+    options=(
+        ExperimentOption("layers", int, 1, "hidden layers: 0 (784-10), 1 (784-500-10), "
+                         "2 (784-500-100-10)", choices=(0, 1, 2)),
+        ExperimentOption("variant", str, "fixed", "feedback weights (sparse/symmetric: "
+                         "784-500-10 only)", choices=VARIANTS),
+        ExperimentOption("feedback_bias", str, "none", "feedback bias of the network",
+                         choices=("none", "g23f", "ghead")),
+        ExperimentOption("batch_size", int, None, "lanes per update (default 32; 16 with "
+                         "--layers 2; the rates are rescaled for it)"),
+        ExperimentOption("test_repeats", int, 20, "repeated tests of the final weights (the "
+                         "paper averages 20)"),
+    ),
+))

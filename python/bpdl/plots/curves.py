@@ -1,7 +1,8 @@
 """Figures from run directories: learning curves, weight dynamics, alignment, comparisons.
 
 Every function returns a ``matplotlib.figure.Figure`` (no pyplot state) and, given ``out``,
-writes it as both PNG and PDF. ``bpdl plot`` is the command-line front end.
+writes it as both PNG and PDF. Run folders are read through :func:`bpdl.runs.load_run` (a
+damaged metrics file is an error, not an empty figure).
 """
 
 from __future__ import annotations

@@ -1,11 +1,13 @@
-"""Recording and plotting the dynamics of a trained segregated-dendrite network.
+"""Neuron traces of a trained network: recording one presentation and drawing it.
 
-:func:`record_run_dynamics` rebuilds the learner of a run directory from its last checkpoint and
-records one training example (forward and target phase) with
-:meth:`bpdl.rules.segregated.SegregatedDendrites.record_dynamics`: the basal, apical and somatic
-potentials, rates and spikes of chosen neurons at every step, and the plateau potentials of the
-hidden layers. :func:`plot_dynamics` draws them next to the per-layer alignment angles the run
-logged at each evaluation. ``bpdl plot dynamics RUN_DIR`` is the command-line front end.
+:func:`record_run_dynamics` rebuilds the learner of a run directory from its last checkpoint
+(:func:`bpdl.train.load_learner`) and records one training example with the rule's
+``record_dynamics(x, y, neurons)`` (any rule that simulates neurons provides it; segregated
+dendrites: :meth:`bpdl.nn.segregated_simulator.SegregatedSimulator.record`): the basal, apical
+and somatic potentials, rates and spikes of chosen neurons at every step, and the plateau
+potentials of the hidden layers. :func:`plot_dynamics` draws them next to the per-layer
+alignment angles the run logged at each evaluation. ``bpdl plot dynamics RUN_DIR`` is the
+command-line front end.
 """
 
 from __future__ import annotations
@@ -31,9 +33,9 @@ def record_run_dynamics(run_dir: str | os.PathLike, example: int = 0, neurons: i
     from bpdl.train import load_learner
 
     learner, cfg, ckpt = load_learner(run_dir)
-    if cfg.rule != "segregated":
-        raise ConfigError(f"`bpdl plot dynamics` needs a segregated-dendrite run; {run_dir} "
-                          f"trained rule {cfg.rule!r}")
+    if not callable(getattr(learner, "record_dynamics", None)):
+        raise ConfigError(f"`bpdl plot dynamics` needs a run of a rule that simulates neurons "
+                          f"(segregated); {run_dir} trained rule {cfg.rule!r}")
     train = bdata.load_dataset(cfg.dataset, "train", data_dir, download)
     if not 0 <= example < len(train):
         raise ConfigError(f"example must be in [0, {len(train) - 1}], got {example}")
@@ -51,7 +53,7 @@ def plot_dynamics(trace: dict[str, Any], history: list[dict[str, Any]] | None = 
     recorded neurons over the forward and target phase (averaging windows shaded, the phase
     boundary dashed, plateau potentials alpha_f and alpha_t annotated), and the spikes; a last
     row with the per-layer angles between the rule's and backprop's updates over training."""
-    from bpdl.plots import save_figure
+    from bpdl.plots.curves import save_figure
 
     layers = sorted(trace["layers"], key=int)
     phases = trace["phase"]
