@@ -8,7 +8,7 @@ batch. Correctness first: the converted model's forward output must equal backpr
 before anything is timed. Reported: median step time over repeats, its ratio to backprop's on
 the same model, and the step's peak extra memory.
 
-Part 2 (``lc``): at B18's CIFAR-10 layer sizes (ALGORITHMS.md 2.3; batch 128), the fused
+Part 2 (``lc``): at B18's CIFAR-10 layer sizes (docs/algorithms/baselines.md §2.3; batch 128), the fused
 kernels (forward, input gradient, weight gradient, and a whole forward + backward of the layer)
 against the unfold/einsum reference of ``bpdl.functional``. Correctness first: kernel and
 reference must agree (float32, rtol 1e-4). Reported: median time, speed-up, peak extra memory

@@ -32,8 +32,8 @@ from bpdl.rules.segregated import SegregatedConfig, SegregatedDendrites, batch_l
 
 NETWORKS = {"784-500-10": (500,), "784-500-100-10": (500, 100)}
 MODES = ("spiking", "rate")
-#: The original program's times on this machine kind (ALGORITHMS.md 5.12 and the issue),
-#: ms per example, 784-500-10 spiking: quiet machine / loaded machine.
+#: The original program's times on this machine kind (docs/algorithms/segregated_dendrites.md
+#: §5.12 and the issue), ms per example, 784-500-10 spiking: quiet machine / loaded machine.
 ORIGINAL_MS = {"train": (19.0, 34.0), "test": (40.0, 76.0)}
 
 

@@ -30,7 +30,7 @@ TORCH_LIBRARY(bpdl, m) {
         "Tensor kappa, Tensor lane_key, int seed, int steps, int window, float[] params, "
         "int[] flags, int[] need_test) -> Tensor");
 
-  // ---- locally connected layers (unshared convolution; ALGORITHMS.md 2.3) ----------------------
+  // ---- locally connected layers (unshared convolution; docs/algorithms/baselines.md §2.3) ----------------------
   // y[n,o,i,j] = sum_{c,u,v} W[i,j,o,c,u,v] x[n,c,s0*i+u-p0,s1*j+v-p1]; weight (OH,OW,O,C,KH,KW),
   // padding (top, left), output size read from the weight, zeros outside the input.
   m.def("locally_connected2d(Tensor input, Tensor weight, int[2] stride, int[2] padding) -> Tensor");
@@ -42,12 +42,12 @@ TORCH_LIBRARY(bpdl, m) {
   m.def("locally_connected2d_grad_weight(Tensor grad_output, Tensor input, int[2] kernel_size, "
         "int[2] stride, int[2] padding) -> Tensor");
 
-  // ---- direct feedback alignment with regenerated feedback (ALGORITHMS.md 3.3) ------------------
+  // ---- direct feedback alignment with regenerated feedback (docs/algorithms/feedback_alignment.md §3.3) ------------------
   // out = error @ D with D[k, j] = scale * (2 u - 1), u = Philox uniform keyed by seed and
   // counted by (element k * num_features + j, step 0, stream): D is never stored.
   m.def("dfa_project(Tensor error, int num_features, int seed, int stream, float scale) -> Tensor");
 
-  // ---- sign-symmetric feedback (ALGORITHMS.md 3.4) ----------------------------------------------
+  // ---- sign-symmetric feedback (docs/algorithms/feedback_alignment.md §3.4) ----------------------------------------------
   // B = sign(W) * M with M a 0-dim tensor (uSF) or shaped like W (frSF); sign(0) = 0.
   m.def("sign_feedback(Tensor weight, Tensor magnitude) -> Tensor");
   // brSF: B = sign(W) * |R|, |R| drawn per element from Philox keyed by seed and counted by

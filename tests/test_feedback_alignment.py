@@ -1,5 +1,5 @@
 """Feedback-alignment family: the rules' backward passes against hand computations and
-backprop, conversion, checkpoints, alignment metrics, bad input (ALGORITHMS.md section 3)."""
+backprop, conversion, checkpoints, alignment metrics, bad input (docs/algorithms/feedback_alignment.md)."""
 
 from __future__ import annotations
 
@@ -153,15 +153,15 @@ def test_dfa_tiled_conv_replicates_the_error_over_positions():
     model = _mixed()
     bpdl.convert(model, "dfa", dfa_conv="tiled")
     conv = model.conv
-    assert conv.dfa_feedback_kind == "tiled" and conv.feedback.shape == (5, 3, 3, 3)
+    assert conv.pathway.kind == "tiled" and conv.feedback.shape == (5, 3, 3, 3)
     x = torch.randn(2, 3, 8, 8, dtype=torch.float64)
     e = torch.randn(2, 5, dtype=torch.float64)
-    signal = conv.dfa_signal(e, x, conv.feedback)
+    signal = conv.pathway.signal(e, x, conv.feedback)
     expected = torch.nn.grad.conv2d_input(x.shape, conv.feedback, e[:, :, None, None].expand(
         2, 5, 8, 8), padding=1)
     torch.testing.assert_close(signal, expected)
     # Linear and LC layers stay dense in the tiled variant
-    assert model.fc1.dfa_feedback_kind == "dense" and model.lc.dfa_feedback_kind == "none"
+    assert model.fc1.pathway.kind == "dense" and model.lc.pathway.kind == "none"
 
 
 def test_dfa_hidden_layer_without_output_error_raises():
@@ -270,7 +270,7 @@ def test_kp_invariant_and_alignment_on_a_regression_task(optimizer):
         opt.step()
         learner.after_step()
         diff_after = (layer.weight - layer.feedback).detach()
-        # invariant of ALGORITHMS.md 3.5
+        # invariant of docs/algorithms/feedback_alignment.md §3.5
         assert float((diff_after - (1 - decay) * diff_before).norm()) <= \
             1e-6 * float(diff_before.norm())
         if step % 100 == 99:
@@ -435,7 +435,7 @@ def test_dfa_without_a_known_output_size_is_refused():
     with pytest.raises(ConfigError, match="DFA needs the size of the network's output"):
         bpdl.convert(model, "dfa")
     bpdl.convert(model, "dfa", input_shape=(4,))
-    assert model[2].dfa_hub.num_outputs == 8 and model[2].feedback.shape == (8, 4)
+    assert model[2].pathway.hub.num_outputs == 8 and model[2].feedback.shape == (8, 4)
     model(torch.randn(3, 4)).sum().backward()
     assert model[0].weight.grad is not None
     # a hidden Conv2d's dense D needs the layer's input shape

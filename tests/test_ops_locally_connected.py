@@ -171,7 +171,7 @@ def test_layer_same_padding_matches_tensorflow_and_bias_kinds():
     layer = LocallyConnected2d(64, 128, (16, 16), 5, 2, "same")
     assert layer.output_size == (8, 8) and layer.padding == (1, 1)
     assert tuple(layer.weight.shape) == (8, 8, 128, 64, 5, 5)
-    assert layer.weight.numel() == 13_107_200  # ALGORITHMS.md 2.3 parameter count
+    assert layer.weight.numel() == 13_107_200  # docs/algorithms/baselines.md §2.3 parameter count
     assert tuple(layer.bias.shape) == (128, 8, 8)
     per_channel = LocallyConnected2d(3, 4, (6, 6), 3, 1, "valid", bias="channel")
     assert per_channel.output_size == (4, 4) and tuple(per_channel.bias.shape) == (4,)
@@ -230,7 +230,7 @@ def test_lc_network_architectures_of_b18():
 
     mnist = bnn.build_model("lc", (1, 28, 28), 10)
     lcs = [m for m in mnist.modules() if isinstance(m, LocallyConnected2d)]
-    assert [layer.weight.numel() for layer in lcs] == [56_448, 903_168]  # ALGORITHMS.md 2.3
+    assert [layer.weight.numel() for layer in lcs] == [56_448, 903_168]  # docs/algorithms/baselines.md §2.3
     assert mnist.layers[0].in_features == 3136 and mnist.layers[0].out_features == 1024
     assert mnist(torch.rand(2, 1, 28, 28)).shape == (2, 10)
     cifar = bnn.build_model("lc", (3, 32, 32), 10)

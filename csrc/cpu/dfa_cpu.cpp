@@ -1,5 +1,5 @@
 // CPU kernel of direct feedback alignment with regenerated feedback (dfa_storage="regenerate",
-// ALGORITHMS.md 3.3): out = error @ D, where D (num_outputs x num_features) is produced tile by
+// docs/algorithms/feedback_alignment.md §3.3): out = error @ D, where D (num_outputs x num_features) is produced tile by
 // tile from the counter-based Philox generator and never stored. The stored variant draws the
 // same numbers (python/bpdl/functional/feedback.py), so both give the same training run.
 #include <ATen/ATen.h>

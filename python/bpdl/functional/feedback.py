@@ -1,5 +1,5 @@
 """Feedback-alignment family, plain PyTorch: the feedback tensors each rule sends its error
-through (ALGORITHMS.md section 3) and the reference of the ``bpdl::dfa_project`` kernels.
+through (docs/algorithms/feedback_alignment.md) and the reference of the ``bpdl::dfa_project`` kernels.
 
 Every feedback tensor B is stored in the layout of the forward weight W it stands in for, so
 the signal sent to the layer below is ``grad_input(delta, B)`` for Linear, Conv2d and

@@ -1,5 +1,5 @@
 """Locally connected (unshared) convolution, plain PyTorch: the reference for the
-``bpdl::locally_connected2d*`` kernels (ALGORITHMS.md section 2.3).
+``bpdl::locally_connected2d*`` kernels (docs/algorithms/baselines.md §2.3).
 
 A locally connected layer is a convolution whose filter differs at every output location::
 

@@ -1,5 +1,5 @@
 """Segregated-dendrite networks (Guerguiev, Lillicrap & Richards 2017, eLife 6:e22901): the
-reference math in plain PyTorch (ALGORITHMS.md section 5).
+reference math in plain PyTorch (docs/algorithms/segregated_dendrites.md).
 
 This module is the readable specification that the fused kernels of ``bpdl.ops`` are tested
 against. Everything is batched over *lanes*: a lane is one example being simulated, with its own
@@ -84,7 +84,8 @@ def psp_kernel(taps: int = 10, tau_s: float = 3.0, tau_L: float = 10.0) -> Tenso
 
 def init_moments(fan_in: int, lambda_max: float = 0.2, v_avg: float = 3.0, v_sd: float = 3.0,
                  b_avg: float = 0.8) -> tuple[float, float]:
-    """(W_avg, W_sd) of G17's weight optimisation (ALGORITHMS.md 5.8) for a layer of fan-in N.
+    """(W_avg, W_sd) of G17's weight optimisation (docs/algorithms/segregated_dendrites.md §5.8)
+    for a layer of fan-in N.
 
     W_avg = (V_avg - b_avg) / (nu N V_avg),  nu = lambda_max / 4,
     W_sm  = [V_sm + nu^2 (N - N^2) W_avg^2 V_avg^2 - 2 N nu b_avg V_avg W_avg - b_avg^2]

@@ -1,5 +1,6 @@
 """A single-example NumPy implementation of the segregated-dendrite algorithm, organised the way
-the original program is (Guerguiev, Lillicrap & Richards 2017; G-23f, ALGORITHMS.md section 5).
+the original program is (Guerguiev, Lillicrap & Richards 2017; G-23f,
+docs/algorithms/segregated_dendrites.md).
 
 It simulates one example at a time in float64 with column vectors, spike histories that are
 shifted by concatenation every step, a dense ``history @ kappas`` PSP, ring buffers of the last

@@ -1,6 +1,6 @@
 """Weight initialisers applied to every weight-bearing layer of a model.
 
-The 2019 reimplementation study (ALGORITHMS.md section 8.5) called its Xavier initialiser on the
+The 2019 reimplementation study (docs/algorithms/pitfalls.md §8.5) called its Xavier initialiser on the
 ModuleList container, whose type never matched ``nn.Linear``, so no layer was ever re-initialised.
 :func:`initialise` walks ``model.modules()`` and returns the names of the layers it touched, and
 the tests check every layer's post-init statistics against the declared initialiser.

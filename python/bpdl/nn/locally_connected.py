@@ -1,7 +1,7 @@
 """Locally connected layers (unshared convolutions), as in Bartunov et al. (2018).
 
 A locally connected layer has a convolution's receptive fields but no weight sharing: each output
-location has its own filter bank (ALGORITHMS.md section 2.3). The forward and backward passes
+location has its own filter bank (docs/algorithms/baselines.md §2.3). The forward and backward passes
 run on the fused kernels of :func:`bpdl.ops.locally_connected2d`.
 """
 
@@ -44,8 +44,8 @@ class LocallyConnected2d(nn.Module):
         padding: ``"same"`` (TensorFlow's SAME, as B18: output ceil(size / stride), the odd padding
             row below/right), ``"valid"`` (none), an int, or (top, left) with the output size then
             floor((size + 2 p - k) / s) + 1.
-        bias: ``"location"`` (one bias per output unit, B18's default [unverified]), ``"channel"``
-            (one per output channel) or ``"none"``.
+        bias: ``"location"`` (one bias per output unit; B18 does not say, bpdl's default),
+            ``"channel"`` (one per output channel) or ``"none"``.
 
     Attributes:
         weight: (H_out, W_out, O, C, k_h, k_w), the (P, O, C k_h k_w) matrix of B18's reference.

@@ -1,4 +1,4 @@
-"""Backprop baselines: the MLP and CNN of ALGORITHMS.md section 2, and the model registry."""
+"""Backprop baselines: the MLP and CNN of docs/algorithms/baselines.md, and the model registry."""
 
 from __future__ import annotations
 
@@ -42,8 +42,9 @@ def _check_init(init: str) -> None:
 class MLPConfig:
     """Multilayer perceptron: for each hidden size Linear -> activation, then Linear to logits.
 
-    Default 784-500-10 with ReLU (T19 "DNN", ALGORITHMS.md 2.1). ``init="xavier_uniform"`` with
-    bias 0.01 is what T19 meant to apply; ``"torch_default"`` is what its runs actually used.
+    Default 784-500-10 with ReLU (T19 "DNN", docs/algorithms/baselines.md §2.1).
+    ``init="xavier_uniform"`` with bias 0.01 is what T19 meant to apply; ``"torch_default"`` is
+    what its runs actually used.
     """
 
     hidden: tuple[int, ...] = (500,)
@@ -88,7 +89,7 @@ class MLP(nn.Module):
 class CNNConfig:
     """Blocks of Conv2d -> BatchNorm2d -> ReLU -> MaxPool2d(2, 2), then one Linear readout.
 
-    Default channels [16, 32], kernel 5, stride 1, padding 2 (T19 "CNN", ALGORITHMS.md 2.2).
+    Default channels [16, 32], kernel 5, stride 1, padding 2 (T19 "CNN", docs/algorithms/baselines.md §2.2).
     ``kernel_size``, ``stride`` and ``padding`` are one value for every block or one per block.
     """
 
@@ -192,7 +193,7 @@ class CNN(nn.Module):
 
 # ---- locally connected networks (B18) -----------------------------------------------------------
 
-#: B18's locally connected architectures (ALGORITHMS.md 2.3): (kernel, channels, stride) per
+#: B18's locally connected architectures (docs/algorithms/baselines.md §2.3): (kernel, channels, stride) per
 #: LC layer, then the fully connected hidden sizes.
 B18_LC_ARCHITECTURES: dict[str, tuple[tuple[tuple[int, int, int], ...], tuple[int, ...]]] = {
     "mnist": (((3, 32, 2), (3, 64, 2)), (1024,)),
@@ -207,7 +208,7 @@ class LCNetConfig:
 
     ``kernel_size``, ``channels`` and ``stride`` give one entry per LC layer; left empty they
     default to B18's architecture for the input (28x28 grey: MNIST, 32x32 colour: CIFAR-10).
-    ``padding`` is ``same`` (TensorFlow's SAME, B18 [unverified]) or ``valid``; ``bias`` is
+    ``padding`` is ``same`` (TensorFlow's SAME, B18 (not stated in the source)) or ``valid``; ``bias`` is
     ``location`` or ``channel``. ``shared=True`` builds B18's "BP ConvNet" baseline: the same
     architecture with Conv2d (shared weights, SAME padding).
     """

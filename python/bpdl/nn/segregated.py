@@ -1,5 +1,5 @@
 """The segregated-dendrite network of Guerguiev, Lillicrap & Richards (2017), "Towards deep
-learning with segregated dendrites", eLife 6:e22901 (ALGORITHMS.md section 5).
+learning with segregated dendrites", eLife 6:e22901 (docs/algorithms/segregated_dendrites.md).
 
 :class:`SegregatedDendriteNet` holds the parameters (forward weights W_m and biases b_m as
 ``nn.Linear`` layers, feedback weights Y_m and optional feedback biases c_m), G17's
@@ -7,7 +7,7 @@ initialisation, and the feedback maintenance (symmetric recomputation, sparse ma
 dynamics live in :mod:`bpdl.functional.segregated` (reference) and ``bpdl.ops`` (kernels); the
 ``segregated`` rule (:mod:`bpdl.rules.segregated`) simulates them and trains the network.
 
-Defaults follow ALGORITHMS.md 0.2: the published experiment as the code cited by the paper
+Defaults follow docs/algorithms/README.md §0.2: the published experiment as the code cited by the paper
 (G-23f) ran it: spiking mode, conductance-based somata, random phase lengths, broadcast
 feedback, fixed random feedback, G-23f initialisation, no feedback bias.
 """
@@ -35,7 +35,8 @@ COMPAT = ("none", "original")
 
 @dataclass(frozen=True)
 class SegregatedNetConfig:
-    """Options of the segregated-dendrite network (flag names of ALGORITHMS.md 5.11).
+    """Options of the segregated-dendrite network (flag names of
+    docs/algorithms/segregated_dendrites.md §5.11).
 
     ``None`` means "the mode's default": spiking mode runs conductance-based somata, random
     phase lengths (50 + floor(Wald(2, 1)) steps), spiking feedforward and feedback, the 10-tap
@@ -283,7 +284,7 @@ class SegregatedDendriteNet(nn.Module):
 
     @torch.no_grad()
     def reset_parameters(self, generator: torch.Generator | None = None) -> None:
-        """G17's initialisation (ALGORITHMS.md 5.8), drawn from torch's generator.
+        """G17's initialisation (docs/algorithms/segregated_dendrites.md §5.8), drawn from torch's generator.
 
         With weight optimisation each layer of fan-in N gets W = W_avg + 3.465 W_sd U and
         b = 0.8 + 3.465e-3 U (U ~ U(-0.5, 0.5) for G-23f, U(-1, 1) for G-HEAD). G-23f's

@@ -1,7 +1,7 @@
 """The feedback-alignment family as learning rules: fa, dfa, usf, brsf, frsf, kp, wm.
 
 Each rule converts its model with :func:`bpdl.nn.convert` (the layers' autograd Functions carry
-the rule, ALGORITHMS.md section 3) and then trains like backprop: forward, loss, ``backward``
+the rule, docs/algorithms/feedback_alignment.md) and then trains like backprop: forward, loss, ``backward``
 fills ``.grad``, the optimiser steps. Kolen-Pollack and weight mirrors add a per-step update of
 the feedback weights in :meth:`after_step`. :meth:`alignment` reports, per layer, the angle
 between forward and feedback weights and between the rule's update and backprop's on the same
@@ -18,25 +18,21 @@ import torch
 from torch import Tensor, nn
 
 from bpdl.functional.losses import classification_loss
-from bpdl.nn.feedback import (
-    DFAConfig,
-    FAConfig,
-    FeedbackLayer,
-    KPConfig,
-    SignSymmetryConfig,
-    WMConfig,
-    _mix_seed,
-    convert,
-    feedback_layers,
-    use_backprop,
-)
+from bpdl.nn.feedback import FeedbackLayer, convert, feedback_layers, use_backprop
+from bpdl.nn.feedback_pathways import WMConfig, _mix_seed, rule_options_class
 from bpdl.rules.base import Learner, angle_degrees
 from bpdl.rules.registry import RULES
 
 
 class FeedbackLearner(Learner):
-    """Shared machinery of the feedback-alignment rules (subclasses set ``name`` and
-    ``config_cls``). The model is converted in place when the learner is built."""
+    """Shared machinery of the feedback-alignment rules. A subclass sets ``name``, the name of
+    its pathway (:data:`bpdl.nn.feedback_pathways.PATHWAYS`), whose options dataclass becomes
+    the rule's. The model is converted in place when the learner is built."""
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        if "name" in cls.__dict__:
+            cls.config_cls = rule_options_class(cls.name)
 
     def __init__(self, model: nn.Module, config: Any = None):
         super().__init__(model, config if config is not None else self.config_cls())
@@ -70,7 +66,7 @@ class FeedbackLearner(Learner):
                 "resolved_feedback_init": None if first is None else first.feedback_init,
                 "resolved_feedback_seed": None if first is None else first.feedback_seed}
 
-    # ---- alignment metrics (ALGORITHMS.md 3.7) ------------------------------------------------
+    # ---- alignment metrics (docs/algorithms/feedback_alignment.md §3.7) -----------------------
     def _probe_pass(self, x: Tensor, y: Tensor, layers: list[FeedbackLayer]
                     ) -> tuple[list[Tensor | None], list[Tensor | None], list[Tensor | None]]:
         """One forward and backward on (x, y): the weight gradients, each layer's input and its
@@ -100,7 +96,7 @@ class FeedbackLearner(Learner):
         return list(grads), inputs, deltas
 
     def alignment(self, x: Tensor, y: Tensor) -> dict[str, dict[str, float]]:
-        """Per layer (ALGORITHMS.md 3.7), in degrees:
+        """Per layer (docs/algorithms/feedback_alignment.md §3.7), in degrees:
 
         - ``angle_weight_feedback``: angle between W and the feedback tensor B in W's layout,
           with ``norm_ratio_feedback`` = ||B|| / ||W|| and ``feedback_used`` (0 for the first
@@ -144,8 +140,7 @@ class FeedbackLearner(Learner):
                                                   if norm_w > 0 else math.nan)
                     rec["feedback_used"] = 0.0 if i == 0 else 1.0
                 if i > 0 and rule_deltas[i] is not None and inputs[i] is not None:
-                    sent = self._signal_sent(layer, rule_deltas[i], inputs[i], feedback,
-                                             output_error)
+                    sent = layer.pathway.signal_sent(rule_deltas[i], inputs[i], output_error)
                     if sent is not None:
                         exact = layer.backward_math(rule_deltas[i], inputs[i],
                                                     layer.weight.detach(), True, False, False)[0]
@@ -159,20 +154,12 @@ class FeedbackLearner(Learner):
                     state[k].copy_(v)
             self._after_backward()
 
-    def _signal_sent(self, layer: FeedbackLayer, delta: Tensor, x: Tensor,
-                     feedback: Tensor | None, output_error: Tensor | None) -> Tensor | None:
-        if feedback is None:
-            return None
-        return layer.backward_math(delta, x, feedback, True, False, False)[0]
-
-
 @RULES.register("fa")
 class FeedbackAlignment(FeedbackLearner):
     """Feedback alignment (Lillicrap, Cownden, Tweed & Akerman 2016): the error travels down
     through fixed random matrices B_l, g = B^T delta; weight updates delta h^T as backprop."""
 
     name = "fa"
-    config_cls = FAConfig
 
 
 @RULES.register("dfa")
@@ -181,24 +168,15 @@ class DirectFeedbackAlignment(FeedbackLearner):
     through its own fixed random matrix, delta_l = (D_l^T e) * f'(a_l)."""
 
     name = "dfa"
-    config_cls = DFAConfig
 
     def _after_backward(self) -> None:
-        for _, layer in self.layers():
-            if layer.dfa_hub is not None:
-                layer.dfa_hub.release()
-                break
-
-    def _signal_sent(self, layer, delta, x, feedback, output_error):
-        if layer.dfa_feedback_kind in ("none", "weight") or output_error is None:
-            return None
-        return layer.dfa_signal(output_error, x, layer.feedback)
+        layers = self.layers()
+        if layers:  # one hub per model: releasing it through any layer frees the error
+            layers[0][1].pathway.release()
 
 
 class SignSymmetry(FeedbackLearner):
     """Sign symmetry (Liao, Leibo & Poggio 2016; Xiao et al. 2018): B = sign(W) * M."""
-
-    config_cls = SignSymmetryConfig
 
 
 @RULES.register("usf")
@@ -235,7 +213,6 @@ class KolenPollack(FeedbackLearner):
     """
 
     name = "kp"
-    config_cls = KPConfig
 
     def after_step(self) -> None:
         factor = 1.0 - self.config.decay
@@ -264,7 +241,6 @@ class WeightMirrors(FeedbackLearner):
     """
 
     name = "wm"
-    config_cls = WMConfig
 
     def __init__(self, model: nn.Module, config: WMConfig | None = None):
         super().__init__(model, config)

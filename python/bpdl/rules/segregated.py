@@ -43,7 +43,8 @@ from bpdl.rules.registry import RULES
 
 REDUCTIONS = ("sum", "mean")
 PHASE_LENGTHS = ("per_lane", "shared")
-#: Paper learning rates (f_etas, output last) per number of hidden layers (ALGORITHMS.md 5.9).
+#: Paper learning rates (f_etas, output last) per number of hidden layers
+#: (docs/algorithms/segregated_dendrites.md §5.9).
 PAPER_LAYER_LRS: dict[int, tuple[float, ...]] = {
     0: (0.19,),
     1: (0.21, 0.21),

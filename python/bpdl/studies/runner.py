@@ -11,7 +11,7 @@ runs it against a study database (:mod:`bpdl.studies.store`) with an executor
    a *rejection*: recorded in the ``rejections`` table with its error, told to the optimiser
    as the worst loss (so it learns to avoid the region), and the optimiser is asked again.
    Rejections take no evaluation slot and never replace the point with another one (T19 fell
-   back to uniform random points, ALGORITHMS.md 8.12).
+   back to uniform random points, docs/algorithms/pitfalls.md §8.12).
 2. *Evaluate.* The trial (k-fold cross-validation on the official training set, see
    :mod:`bpdl.studies.worker`) runs on the executor. ``completed`` trials have an objective;
    ``diverged`` and ``failed`` ones are recorded with their error and told the worst loss.
@@ -21,7 +21,7 @@ runs it against a study database (:mod:`bpdl.studies.store`) with an executor
 4. *Test.* When the budget is spent, the ``top_k`` best distinct configurations by objective
    are trained on the whole training set with ``test_seeds`` fresh seeds and scored on the
    official test set, stored apart from the search objective (no selection on test data,
-   ALGORITHMS.md 8.11).
+   docs/algorithms/pitfalls.md §8.11).
 
 Resuming: rerunning the same study restores the optimiser from its snapshot (the exact state,
 random generator included) and retries every trial that was running when the previous
@@ -55,7 +55,7 @@ from bpdl.studies.worker import DataSpec, Job
 #: Loss told to the optimiser for failed, diverged and rejected points (objective = 1 - loss,
 #: so this is accuracy 0: worse than any trained network).
 WORST_LOSS = 1.0
-#: T19's chance threshold (ALGORITHMS.md 7.9): a trial at or below it learned nothing.
+#: T19's chance threshold (docs/algorithms/published_results.md §7.9): a trial at or below it learned nothing.
 CHANCE_ACCURACY = 0.15
 #: Objective definition; bump when what a trial measures changes.
 OBJECTIVE = "mean final validation accuracy over k stratified folds of the training set (v1)"
@@ -71,7 +71,7 @@ class StudyConfig:
     """What a study is. Pickles and round-trips JSON; its :func:`study_definition` is stored
     and compared on resume.
 
-    Defaults are T19's protocol (ALGORITHMS.md 7.9): 50 evaluations of 3-fold
+    Defaults are T19's protocol (docs/algorithms/published_results.md §7.9): 50 evaluations of 3-fold
     cross-validation after 10 epochs; the search space is the one registered for (rule,
     model), else the generic learning-rate and batch-size space.
     """

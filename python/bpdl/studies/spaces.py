@@ -8,9 +8,9 @@ decodes a proposal back into run-config overrides.
 
 Log scales are used where a quantity spans orders of magnitude (learning rates, batch sizes,
 layer widths, channel counts). Variable depth is encoded as in the 2019 study (T19,
-ALGORITHMS.md 7.9): a depth dimension plus one width per possible layer, of which the first
-``depth`` are used. :class:`IntList` does exactly this; a list can also take its length from
-another list (CNN kernel sizes follow the number of channel entries).
+docs/algorithms/published_results.md §7.9): a depth dimension plus one width per possible layer,
+of which the first ``depth`` are used. :class:`IntList` does exactly this; a list can also take
+its length from another list (CNN kernel sizes follow the number of channel entries).
 
 Registering a space for a new rule is a few lines, in the rule's module or here::
 
@@ -504,8 +504,9 @@ GENERIC = register_space(SearchSpace(
     description="fallback for rules without a dedicated space: learning rate and batch size "
                 "(log scales), the rule's and model's other settings at their defaults"))
 
-#: T19's backprop MLP space (ALGORITHMS.md 7.9): batch 50-500, Adam lr 1e-4-0.05, 1-6 hidden
-#: layers of 30-500 units. PyTorch's default init, as every T19 run actually had (8.5).
+#: T19's backprop MLP space (docs/algorithms/published_results.md §7.9): batch 50-500, Adam lr
+#: 1e-4-0.05, 1-6 hidden layers of 30-500 units. PyTorch's default init, as every T19 run
+#: actually had (docs/algorithms/pitfalls.md §8.5).
 MLP_T19 = register_space(SearchSpace(
     "mlp-t19",
     {"batch_size": IntRange(50, 500, log=True),
@@ -539,16 +540,15 @@ for _rule in ("fa", "dfa", "usf", "brsf", "frsf", "kp", "wm"):
     set_default_space(_rule, "mlp", "mlp-t19")
     set_default_space(_rule, "cnn", "cnn-t19")
 
-#: T19's "comp" space for segregated dendrites (ALGORITHMS.md 7.9): the eleven binary flags of
-#: 5.11, phase and test lengths, lambda_max, tau_s, tau_L, g_B, E_E, E_I, one learning rate for
-#: every layer (0.01-0.5) and 1-6 hidden layers of 30-500 units. Differences from T19, each
-#: deliberate: one lane per update (batch 1, so the searched rate is the paper's per-example
-#: rate, as T19 ran it); phases from 20 steps, not 2 (bpdl rejects phases shorter than its
-#: 20-step averaging window); no dt
-#: (bpdl's time step is the paper's) and no g_A (T19 notes its code ignored it; the
-#: ``apical_conductance`` flag sets it). Proposals the network rejects (noisy symmetric
-#: without symmetric weights, about a quarter of random draws) are recorded as rejected and
-#: told to the optimiser; they do not use up the budget.
+#: T19's "comp" space for segregated dendrites (docs/algorithms/published_results.md §7.9): the eleven
+#: binary flags of §5.11, phase and test lengths, lambda_max, tau_s, tau_L, g_B, E_E, E_I, one learning
+#: rate for every layer (0.01-0.5) and 1-6 hidden layers of 30-500 units. Differences from T19, each
+#: deliberate: one lane per update (batch 1, so the searched rate is the paper's per-example rate, as T19
+#: ran it); phases from 20 steps, not 2 (bpdl rejects phases shorter than its 20-step averaging window);
+#: no dt (bpdl's time step is the paper's) and no g_A (T19 notes its code ignored it; the
+#: ``apical_conductance`` flag sets it). Proposals the network rejects (noisy symmetric without symmetric
+#: weights, about a quarter of random draws) are recorded as rejected and told to the optimiser; they do
+#: not use up the budget.
 SEGREGATED_T19 = register_space(SearchSpace(
     "segregated-t19",
     {"model_options.random_phase_lengths": Choice((False, True)),

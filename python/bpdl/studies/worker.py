@@ -6,7 +6,7 @@ process (the training set, the seeded train subset and the folds are cached by
 :class:`DataSpec`), and :func:`run_job` never raises for a failing trial: it returns an
 outcome with status ``completed``, ``diverged`` or ``failed`` and the error.
 
-Objective (ALGORITHMS.md 7.9 protocol, without the 8.11 confound): the mean over the k
+Objective (docs/algorithms/published_results.md §7.9 protocol, without the 8.11 confound): the mean over the k
 stratified folds of the *official training set* of the final validation accuracy after the
 configured epochs,
 
