@@ -80,21 +80,26 @@ def test_same_seed_same_metrics_and_different_seed_differs(small_data):
     assert _strip(a) != _strip(c)
 
 
+class Crash(Exception):
+    pass
+
+
+def _crash_at(examples):
+    """An evaluation callback that raises Crash at the evaluation of ``examples`` (before that
+    evaluation's checkpoint is written)."""
+    def callback(rec):
+        if rec["examples"] == examples:
+            raise Crash
+    return callback
+
+
 def test_resume_after_crash_matches_uninterrupted_run(tmp_path, small_data):
     reference = train(_cfg(), tmp_path / "ref", data=small_data, progress=False,
                       log=lambda s: None)
-
-    class Crash(Exception):
-        pass
-
-    def crash_at_900(rec):
-        if rec["examples"] == 900:
-            raise Crash
-
     out = tmp_path / "crashy"
     with pytest.raises(Crash):
         train(_cfg(), out, data=small_data, progress=False, log=lambda s: None,
-              callback=crash_at_900)
+              callback=_crash_at(900))
     summary = json.loads((out / "summary.json").read_text())
     assert summary["status"] == "failed"
     resumed = train(_cfg(), out, data=small_data, progress=False, log=lambda s: None)
@@ -267,17 +272,10 @@ def test_a_rule_with_two_optimizers_resumes_bit_for_bit(tmp_path, small_data, tw
     curve = [r["running_readout_loss"] for r in reference.history[1:]]
     assert curve[-1] < curve[0]
 
-    class Crash(Exception):
-        pass
-
-    def crash_at_600(rec):
-        if rec["examples"] == 600:
-            raise Crash
-
     out = tmp_path / "crashy"
     with pytest.raises(Crash):
         train(cfg, out, data=small_data, progress=False, log=lambda s: None,
-              callback=crash_at_600)
+              callback=_crash_at(600))
     lines = []
     resumed = train(cfg, out, data=small_data, progress=False, log=lines.append)
     # the crash came before the checkpoint of example 600: the resume starts at 300

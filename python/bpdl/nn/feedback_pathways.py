@@ -287,22 +287,15 @@ class SignSymmetryFunction(torch.autograd.Function):
         return gi, gw, gb, None, None, None
 
 
-class KolenPollackFunction(torch.autograd.Function):
+class KolenPollackFunction(FeedbackAlignmentFunction):
     """Kolen-Pollack learning (Kolen & Pollack 1994; Akrout, Wilson, Humphreys, Lillicrap & Tweed
     2019, NeurIPS 32).
 
     Backward, for delta = dL/da: dL/dW = delta h^T, dL/db = sum delta, g = B^T delta, and B
     receives the *same* gradient as W, dL/dB := delta h^T (in W's layout, untransposed). With
     the same optimiser state and a decoupled decay lambda on both, W - B shrinks as
-    (1 - lambda)^t and B aligns with W.
+    (1 - lambda)^t and B aligns with W. The forward is feedback alignment's.
     """
-
-    @staticmethod
-    def forward(ctx, x: Tensor, weight: Tensor, bias: Tensor | None, feedback: Tensor,
-                layer: nn.Module) -> Tensor:
-        ctx.layer = layer
-        ctx.save_for_backward(x, feedback)
-        return layer.forward_math(x, weight, bias)
 
     @staticmethod
     def backward(ctx, grad_output: Tensor):
