@@ -304,7 +304,7 @@ def test_weight_mirrors_align_b_with_w():
 def test_weight_mirror_step_through_its_optimiser_is_the_published_update():
     """B <- (1 - lambda_B) B + eta_B sum_n y_n xi_n^T, bit for bit, with the increment taken by
     the rule's own "mirror" optimiser, which the loop builds, zeroes and checkpoints."""
-    from bpdl.nn.feedback import _mix_seed
+    from bpdl.nn.feedback_pathways import _mix_seed
     from bpdl.train import RunConfig
 
     torch.manual_seed(0)

@@ -43,7 +43,6 @@ from bpdl.nn.feedback_pathways import (
     KPConfig,
     SignSymmetryConfig,
     WMConfig,
-    _mix_seed,
     pathway_class,
     rule_options_class,
 )
@@ -58,7 +57,6 @@ __all__ = [
 
 # the pathways' own names (every rule but the reference, "bp"), for help texts and tests
 FEEDBACK_RULES = tuple(name for name in PATHWAYS.names() if name != "bp")
-_ = (_mix_seed,)  # re-exported: the seed mixer of the feedback streams (weight mirrors use it)
 
 
 class FeedbackLayer(nn.Module):
