@@ -302,3 +302,42 @@ def test_optimisers_that_share_a_parameter_are_refused(small_data, two_optimizer
     learner = Sharing(model)
     with pytest.raises(ConfigError, match="belongs to both optimisers"):
         learner.setup_optimizers(RunConfig(optimizer="adam", lr=1e-3))
+
+
+class _TwoPassRule(_TwoOptimizerRule):
+    """The toy rule with an alternating schedule: one pass trains only the read-out, the next
+    only the model (two passes make one epoch)."""
+
+    name = "test-two-passes"
+    passes_per_epoch = 2
+
+    def on_epoch_start(self, epoch):
+        self.phase = "readout" if epoch % 2 == 0 else "model"
+
+    def training_step(self, x, y):
+        stats = super().training_step(x, y)
+        keep = self.readout.parameters() if self.phase == "readout" else self.model.parameters()
+        kept = {id(p) for p in keep}
+        for p in self.parameters():
+            if id(p) not in kept:
+                p.grad = None
+        return stats
+
+
+def test_a_rule_with_two_passes_per_epoch(tmp_path, small_data):
+    rules.RULES.add(_TwoPassRule.name, _TwoPassRule)
+    try:
+        cfg = _cfg(rule=_TwoPassRule.name, epochs=2, eval_every=None)
+        result = train(cfg, tmp_path / "run", data=small_data, progress=False,
+                       log=lambda s: None)
+    finally:
+        rules.RULES._items.pop(_TwoPassRule.name)
+    history = result.history
+    # one evaluation per pass (1000 examples), four passes for two epochs
+    assert [r["examples"] for r in history] == [0, 1000, 2000, 3000, 4000]
+    assert [r["epoch"] for r in history] == [0.0, 0.5, 1.0, 1.5, 2.0]
+    assert [r.get("phase") for r in history[1:]] == ["readout", "model", "readout", "model"]
+    assert result.summary["epochs"] == 2.0
+    # the model's weights change only in "model" passes
+    norms = [r["layers"]["layers.0"]["weight_norm"] for r in history]
+    assert norms[1] == norms[0] and norms[2] != norms[1] and norms[3] == norms[2]

@@ -227,8 +227,9 @@ def open_run_dir(out_dir, cfg_dict: dict[str, Any]) -> tuple[RunDir | None, RunR
 class LoopState:
     """Where the loop is: saved in checkpoints so a resumed run continues bit for bit."""
 
-    epoch: int = 0           # current epoch (0-based)
-    batch: int = 0           # next minibatch index within the epoch
+    epoch: int = 0           # current pass over the training set (0-based; = the epoch, unless
+    #                          the rule makes several passes per epoch, passes_per_epoch)
+    batch: int = 0           # next minibatch index within the pass
     examples: int = 0        # training examples seen
     steps: int = 0           # optimiser steps taken
     next_eval: int = 0       # example count at which the next evaluation is due
@@ -261,9 +262,19 @@ class Session:
             opt.step()
 
     @property
+    def passes(self) -> int:
+        """Passes over the training set per epoch (a rule with an alternating schedule makes
+        several, e.g. one for its inverses and one for its forward weights)."""
+        return int(getattr(self.learner, "passes_per_epoch", 1))
+
+    @property
     def total_examples(self) -> int:
-        total = self.cfg.epochs * len(self.train_set)
+        total = self.cfg.epochs * self.passes * len(self.train_set)
         return total if self.cfg.max_examples is None else min(total, self.cfg.max_examples)
+
+    def epochs_done(self) -> float:
+        """Epochs trained so far (training examples / (examples per epoch))."""
+        return self.state.examples / (self.passes * len(self.train_set))
 
     @property
     def eval_every(self) -> int:
@@ -462,7 +473,10 @@ class Evaluator:
         s, t0 = self.session, time.perf_counter()
         state = s.state
         rec: dict[str, Any] = {"eval": len(s.history), "examples": state.examples,
-                               "epoch": state.examples / len(s.train_set), "steps": state.steps}
+                               "epoch": s.epochs_done(), "steps": state.steps}
+        phase = getattr(s.learner, "phase", None)
+        if phase is not None:
+            rec["phase"] = phase  # what the rule trained in the pass just finished
         trained = state.examples - self.examples_mark
         dt_train = state.train_time - self.train_time_mark
         rec["examples_per_sec"] = trained / dt_train if trained > 0 and dt_train > 0 else None
@@ -571,8 +585,9 @@ def train_step(session: Session, evaluator: Evaluator, x: torch.Tensor, y: torch
 
 
 def train_epoch(session: Session, evaluator: Evaluator, hooks: Hooks) -> None:
-    """The rest of the current epoch (from ``state.batch``), evaluating and checkpointing on
-    schedule."""
+    """The rest of the current pass over the training set (from ``state.batch``; a pass is an
+    epoch unless the rule makes several per epoch), evaluating and checkpointing on schedule.
+    ``on_epoch_start`` receives the pass index."""
     s, state, cfg = session, session.state, session.cfg
     n_train, total = len(s.train_set), s.total_examples
     batches = math.ceil(n_train / cfg.batch_size)
@@ -657,7 +672,7 @@ def write_summary(session: Session, status: str, message: str) -> dict[str, Any]
     s, cfg, state = session, session.cfg, session.state
     summary: dict[str, Any] = {
         "status": status, "message": message, "examples": state.examples,
-        "epochs": state.examples / len(s.train_set), "steps": state.steps,
+        "epochs": s.epochs_done(), "steps": state.steps,
         "wall_time_s": time.perf_counter() - s.t_start, "train_time_s": state.train_time,
         "device": str(s.device), "bpdl_version": bpdl.__version__,
         "torch_version": torch.__version__, "config": cfg.to_dict(),

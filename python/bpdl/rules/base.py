@@ -98,6 +98,13 @@ class Learner(nn.Module):
 
     name: ClassVar[str] = "base"
     config_cls: ClassVar[type | None] = None
+    #: Passes over the training set per epoch. An alternating schedule (target propagation's:
+    #: one pass training the inverses, one the forward weights) makes 2; the loop then calls
+    #: :meth:`on_epoch_start` with the pass index, counts an epoch as that many passes and
+    #: logs the rule's :attr:`phase` (when not None) with every evaluation.
+    passes_per_epoch: int = 1
+    #: What the rule is training now (e.g. "inverse" / "forward"), logged as ``phase``.
+    phase: str | None = None
     #: Model families this rule can train (None: any classifier nn.Module).
     supported_models: ClassVar[tuple[str, ...] | None] = None
 
@@ -122,7 +129,8 @@ class Learner(nn.Module):
 
     # ---- hooks with defaults ------------------------------------------------------------------
     def on_epoch_start(self, epoch: int) -> None:
-        """Called before every epoch (alternating schedules switch phase here)."""
+        """Called before every pass over the training set, with its index (the epoch, for a
+        rule with one pass per epoch; alternating schedules switch phase here)."""
 
     def after_step(self) -> None:
         """Called after every optimiser step (feedback weights derived from W update here)."""
