@@ -11,9 +11,10 @@ before timing, the kernels and the reference simulate the same examples with the
 numbers and must produce identical spikes and equal states. Times are per example, the median of
 ``--repeats`` measurements; the training time includes the weight update and optimiser step.
 Writes benchmarks/results/segregated.csv and prints a markdown table. CUDA is timed too when a
-GPU is present.
+GPU is present (``--device all``, the default); ``--device cpu`` or ``--device cuda`` times bpdl
+on that device only (the NumPy port always runs on the CPU).
 
-    python benchmarks/segregated.py [--threads 2] [--batch-size 32] [--quick]
+    python benchmarks/segregated.py [--threads 2] [--batch-size 32] [--quick] [--device all]
 """
 
 from __future__ import annotations
@@ -139,7 +140,12 @@ def main() -> None:
     ap.add_argument("--reference-examples", type=int, default=64)
     ap.add_argument("--original-examples", type=int, default=20)
     ap.add_argument("--quick", action="store_true", help="fewer examples (a smoke run)")
+    ap.add_argument("--device", choices=("all", "cpu", "cuda"), default="all",
+                    help="where bpdl is timed: all (default: the CPU, and CUDA when a GPU is "
+                         "present), cpu or cuda")
     args = ap.parse_args()
+    if args.device == "cuda" and not torch.cuda.is_available():
+        ap.error("--device cuda: no CUDA device is available")
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.quick:
@@ -147,7 +153,8 @@ def main() -> None:
         args.reference_examples, args.original_examples, args.repeats = 32, 4, 1
     train_set = bdata.load_dataset("mnist", "train", args.data_dir, download=False)
     test_set = bdata.load_dataset("mnist", "test", args.data_dir, download=False)
-    devices = [torch.device("cpu")] + ([torch.device("cuda")] if torch.cuda.is_available() else [])
+    devices = ([torch.device("cpu")] if args.device in ("all", "cpu") else []) + (
+        [torch.device("cuda")] if args.device != "cpu" and torch.cuda.is_available() else [])
     for device in devices:
         check_kernels_match_reference(train_set, device)
     print(f"kernels match the reference ({', '.join(d.type for d in devices)}); "
