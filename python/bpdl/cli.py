@@ -183,6 +183,8 @@ DEFAULT_COMPARISON: list[tuple[str, dict[str, Any]]] = [
     ("dfa-mlp", {"model": "mlp", "rule": "dfa"}),
     ("frsf-mlp", {"model": "mlp", "rule": "frsf"}),
     ("kp-mlp", {"model": "mlp", "rule": "kp"}),
+    # simplified difference target propagation (B18), parallel schedule: the rule's defaults
+    ("sdtp-mlp", {"model": "mlp", "rule": "sdtp"}),
     # G17's spiking network, 784-500-10, with the rule's run defaults (plain SGD with the
     # paper's rates rescaled for its 32 lanes)
     ("segregated", {"model": "segregated", "rule": "segregated",

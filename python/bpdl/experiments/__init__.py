@@ -268,4 +268,4 @@ def _figures(out: Path, rows: list[dict[str, Any]]) -> list[Path]:
 
 
 # experiment families register themselves on import
-from bpdl.experiments import feedback_alignment, segregated  # noqa: E402,F401
+from bpdl.experiments import feedback_alignment, segregated, target_propagation  # noqa: E402,F401

@@ -121,13 +121,17 @@ def _layer_series(history, layer, key):
 
 def plot_weight_dynamics(run_dir: str | os.PathLike | dict[str, Any],
                          out: str | os.PathLike | None = None) -> Figure:
-    """Per layer: weight norm, relative change between evaluations, and last update norm."""
+    """Per layer: weight norm, relative change between evaluations, and last update norm; and,
+    for rules with learned inverses (target propagation), each inverse's reconstruction error
+    (logged under the layer it inverts)."""
     run = _runs([run_dir])[0]
     h = run["history"]
     keys = [("weight_norm", "‖W‖ (Frobenius)", False),
             ("rel_change", "‖W − W_prev‖ / ‖W_prev‖", True),
             ("update_norm", "‖ΔW‖ of last step", True)]
-    fig = Figure(figsize=(14, 4))
+    if any("reconstruction_error" in v for rec in h for v in rec.get("layers", {}).values()):
+        keys.append(("reconstruction_error", "inverse's reconstruction error", True))
+    fig = Figure(figsize=(14 * len(keys) / 3, 4))
     axes = fig.subplots(1, len(keys))
     for ax, (key, ylabel, logy) in zip(axes, keys, strict=False):
         for j, layer in enumerate(_layer_names(h)):

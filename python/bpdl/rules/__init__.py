@@ -16,6 +16,7 @@ from bpdl.rules import (
     backprop,  # noqa: F401  (registers "bp")
     feedback_alignment,  # noqa: F401  (fa, dfa, usf, brsf, frsf, kp, wm)
     segregated,  # noqa: F401  (registers "segregated")
+    target_propagation,  # noqa: F401  (tp, dtp, sdtp, aosdtp, ddtp)
 )
 from bpdl.rules.base import Learner, LearnerProtocol, angle_degrees
 from bpdl.rules.registry import RULES

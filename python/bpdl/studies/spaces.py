@@ -579,3 +579,51 @@ SEGREGATED_T19 = register_space(SearchSpace(
                 "tau_L, g_B, E_E, E_I, SGD lr 0.01..0.5 per example (batch 1), 1..6 layers of "
                 "30..500 units"),
     rule="segregated", model="segregated")
+
+#: B18's random search for the target-propagation rules (docs/algorithms/target_propagation.md
+#: §4.3): forward and inverse Adam learning rates in [1e-5, 3e-4] (B18 does not state the
+#: distribution; bpdl samples log-uniformly), beta_2 in {0.99, 0.999} and epsilon in {1e-4,
+#: 1e-6, 1e-8} for each of the two Adam instances (searched separately: B18 does not say whether
+#: they were shared), the inverse-training noise sigma in [0.01, 0.3] and, for the rules whose
+#: first target is a gradient step (tp, dtp; ddtp's output target), alpha in [0.01, 0.2]. The
+#: schedule is not searched: fix it per study (``--set rule_options.schedule=alternating``).
+_B18_ADAM_BETAS = Choice(([0.9, 0.99], [0.9, 0.999]))
+_B18_ADAM_EPS = Choice((1e-4, 1e-6, 1e-8))
+
+
+def _b18_tp_space(name: str, alpha: bool, description: str) -> SearchSpace:
+    dims: dict[str, Dimension] = {
+        "lr": LogUniform(1e-5, 3e-4),
+        "optimizer_options.betas": _B18_ADAM_BETAS,
+        "optimizer_options.eps": _B18_ADAM_EPS,
+        "rule_options.inverse_lr": LogUniform(1e-5, 3e-4),
+        "rule_options.inverse_optimizer_options.betas": _B18_ADAM_BETAS,
+        "rule_options.inverse_optimizer_options.eps": _B18_ADAM_EPS,
+        "rule_options.sigma": Uniform(0.01, 0.3)}
+    if alpha:
+        dims["rule_options.alpha"] = Uniform(0.01, 0.2)
+    return SearchSpace(name, dims, version=1,
+                       fixed={"optimizer": "adam", "rule_options": {"inverse_optimizer": "adam"}},
+                       description=description)
+
+
+B18_DTP = register_space(_b18_tp_space(
+    "b18-dtp", True, "B18 DTP: forward and inverse Adam lr 1e-5..3e-4 (log), beta_2, epsilon, "
+                     "sigma 0.01..0.3, alpha 0.01..0.2"), rule="dtp")
+B18_TP = register_space(_b18_tp_space(
+    "b18-tp", True, "B18 ranges for plain TP: as b18-dtp"), rule="tp")
+B18_SDTP = register_space(_b18_tp_space(
+    "b18-sdtp", False, "B18 SDTP and AO-SDTP: forward and inverse Adam lr 1e-5..3e-4 (log), "
+                       "beta_2, epsilon, sigma 0.01..0.3"), rule="sdtp")
+set_default_space("aosdtp", "*", "b18-sdtp")
+B18_DDTP = register_space(_b18_tp_space(
+    "b18-ddtp", True, "B18's ranges for M20's DDTP-linear: as b18-dtp, alpha the output "
+                      "target's step"), rule="ddtp")
+#: The same optimiser box for a rule with one Adam instance (bp, fa, dfa), so that a study of a
+#: baseline on B18's ranges compares like with like: ``--space b18-adam``.
+B18_ADAM = register_space(SearchSpace(
+    "b18-adam", {"lr": LogUniform(1e-5, 3e-4), "optimizer_options.betas": _B18_ADAM_BETAS,
+                 "optimizer_options.eps": _B18_ADAM_EPS},
+    version=1, fixed={"optimizer": "adam"},
+    description="B18's Adam ranges for a rule without inverses: lr 1e-5..3e-4 (log), beta_2, "
+                "epsilon"))

@@ -1,0 +1,100 @@
+"""Reproduction experiments of the target-propagation family: B18's MNIST networks, every
+target-propagation variant under both schedules beside backprop, FA and DFA
+(docs/algorithms/published_results.md §7.4; docs/algorithms/target_propagation.md §4).
+
+Published numbers are B18's test errors in percent: the best test error within 500 epochs
+after a 60-configuration random search (test-set selection, docs/algorithms/pitfalls.md §8.11).
+The results table gives bpdl's test error at the best validation epoch (honest) and the
+test-selected minimum (B18's protocol) side by side.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from bpdl.experiments import Experiment, ExperimentRun, register
+
+_B18_FC = {"hidden": [256] * 5, "activation": "tanh", "init": "xavier_uniform", "bias_init": 0.0}
+
+#: B18 Table 1, MNIST test error (%): (FC parallel, FC alternating, LC parallel, LC alternating)
+_PUBLISHED = {
+    "dtp": (2.86, 1.83, 1.52, 1.46),
+    "sdtp": (3.52, 2.28, 1.98, 1.90),
+    "aosdtp": (2.93, 1.86, 1.92, 1.91),
+    "tp": (None, None, None, None),  # B18 reports no plain TP on MNIST
+}
+_BASELINES = {"fc": {"bp": 1.48, "fa": 1.85, "dfa": 2.75}, "lc": {"bp": 1.17, "fa": 1.26,
+                                                                 "dfa": 2.05}}
+
+#: bpdl's hyperparameters per (rule, schedule): forward Adam lr and the rule's options. B18's
+#: chosen values (its Table 5) are not reproduced in docs/ (§4.3), so these were chosen by bpdl
+#: on validation accuracy (benchmarks/RESULTS.md, "Target propagation (issue 13)").
+_SETTINGS: dict[tuple[str, str], dict[str, Any]] = {
+    (rule, schedule): {"lr": 3e-4, "rule_options": {"inverse_lr": 1e-3, "sigma": 0.1,
+                                                    **({"alpha": 0.1} if rule in ("tp", "dtp")
+                                                       else {})}}
+    for rule in _PUBLISHED for schedule in ("parallel", "alternating")}
+
+
+def _tp_runs(network: str) -> tuple[ExperimentRun, ...]:
+    offset = 0 if network == "fc" else 2
+    runs = []
+    for rule, published in _PUBLISHED.items():
+        for i, schedule in enumerate(("parallel", "alternating")):
+            settings = _SETTINGS[(rule, schedule)]
+            runs.append(ExperimentRun(
+                f"{rule}-{schedule}",
+                {"rule": rule, "lr": settings["lr"],
+                 "rule_options": {**settings["rule_options"], "schedule": schedule}},
+                published[offset + i]))
+    for rule, published in _BASELINES[network].items():
+        runs.append(ExperimentRun(rule, {"rule": rule, "lr": 1e-3}, published))
+    # as bartunov2018_mnist_fc: FA at 1e-3 peaks early and degrades; 1e-4 is its validated rate
+    runs.append(ExperimentRun("fa-lr1e-4", {"rule": "fa", "lr": 1e-4}, _BASELINES[network]["fa"]))
+    return tuple(runs)
+
+
+_PROTOCOL = (
+    "tanh units, Glorot-uniform weights, zero biases, softmax cross-entropy, batch 100, 5,000 "
+    "training images held out for validation, test error at every epoch. Target propagation "
+    "(docs/algorithms/target_propagation.md §4): the output layer on the task loss, the hidden "
+    "layers on squared distances to their targets, the inverses with their own Adam; "
+    "'parallel' steps both on every minibatch, 'alternating' makes one pass training the "
+    "inverses and one training the forward weights per epoch (both passes are logged; an "
+    "epoch here is both). B18 trained up to 500 epochs after a 60-configuration random search "
+    "and reports the best test error reached; its chosen hyperparameters are not reproduced "
+    "here (docs/algorithms/target_propagation.md §4.3), so bpdl's come from its own search on "
+    "validation accuracy. Default 100 epochs (B18: up to 500; --epochs 500 to match). "
+    "Baselines as in bartunov2018_mnist_fc / _lc: Adam lr 1e-3, and FA at 1e-4.")
+
+register(Experiment(
+    name="bartunov2018_tp_mnist_fc",
+    title="Bartunov et al. 2018: MNIST fully connected 5x256 tanh, target propagation (TP, DTP, "
+          "SDTP, AO-SDTP; parallel and alternating) beside BP / FA / DFA "
+          "(docs/algorithms/published_results.md §7.4)",
+    source="Bartunov, Santoro, Richards, Marris, Hinton & Lillicrap (2018), NeurIPS 31, Table 1",
+    protocol=_PROTOCOL,
+    common={"dataset": "mnist", "model": "mlp", "model_options": _B18_FC, "optimizer": "adam",
+            "batch_size": 100, "epochs": 100, "val_size": 5000, "test": "every", "seed": 0},
+    runs=_tp_runs("fc"),
+    notes=("Published: B18's best test error within 500 epochs (test-selected); compare it with "
+           "the 'best test error (test-selected)' column, and read the honest number in the "
+           "'test error at best val' column."),
+))
+
+register(Experiment(
+    name="bartunov2018_tp_mnist_lc",
+    title="Bartunov et al. 2018: MNIST locally connected network, target propagation (TP, DTP, "
+          "SDTP, AO-SDTP; parallel and alternating) beside BP / FA / DFA "
+          "(docs/algorithms/published_results.md §7.4)",
+    source="Bartunov et al. (2018), NeurIPS 31, Table 1",
+    protocol=("LC (3x3, 32, stride 2) -> LC (3x3, 64, stride 2) -> FC 1024 -> softmax 10, "
+              "TensorFlow SAME padding and per-location biases (neither stated in B18); the "
+              "inverses of the LC layers are transposed locally connected maps "
+              "(docs/algorithms/baselines.md §2.3). " + _PROTOCOL),
+    common={"dataset": "mnist", "model": "lc", "optimizer": "adam", "batch_size": 100,
+            "epochs": 100, "val_size": 5000, "test": "every", "seed": 0},
+    runs=_tp_runs("lc"),
+    notes=("Published: B18's best test error within 500 epochs (test-selected). The LC runs "
+           "cost minutes per epoch on a CPU; `--epochs` shortens them."),
+))
