@@ -1,5 +1,5 @@
 // Every bpdl operator schema, declared once. Backends register kernels in csrc/cpu and csrc/cuda;
-// python/bpdl/ops.py holds the typed wrappers, fake (meta) functions and autograd registrations.
+// python/bpdl/ops/ holds the typed wrappers, fake (meta) functions and autograd registrations.
 #include <torch/library.h>
 
 TORCH_LIBRARY(bpdl, m) {
@@ -9,7 +9,7 @@ TORCH_LIBRARY(bpdl, m) {
   m.def("poisson_spikes(Tensor rate, int seed, int step, int stream=0, float dt=1.0) -> Tensor");
 
   // ---- segregated dendrites (Guerguiev, Lillicrap & Richards 2017) ----------------------------
-  // python/bpdl/functional/segregated.py is the reference; python/bpdl/ops.py documents the math.
+  // python/bpdl/functional/segregated.py is the reference; python/bpdl/ops/segregated.py documents the math.
   // Spike counts use Philox blocks keyed by (seed, lane_key 2^22 + neuron / 4, step,
   // 0x5E600000 + population); params/flags follow the layouts of csrc/include/bpdl/segregated.h.
   m.def("segregated_layer_step(Tensor W, Tensor b, Tensor? Y, Tensor? c, Tensor ff, Tensor? fb, "
@@ -26,6 +26,17 @@ TORCH_LIBRARY(bpdl, m) {
         "Tensor(d!)[] lam, Tensor(e!)[] A, Tensor(f!) step, Tensor lane_key, Tensor lengths, "
         "Tensor windows, Tensor[] offsets, int seed, float[] params, int[] flags, "
         "int[] need_train, int[] need_test) -> Tensor[]");
+  // Online (batch-1) training of consecutive examples in one lane: each example's forward and
+  // target phase, then (for all but the last) its plasticity and a plain SGD step on W, b (and
+  // learned Y, c; symmetric Y recomputed), in place. Returns the last example's phase averages
+  // (as segregated_train_example, one lane) and the output layer's lam_t and C_f of every example.
+  m.def("segregated_train_online(Tensor(a!)[] W, Tensor(b!)[] b, Tensor(c!)[] Y, Tensor(d!)[] c, "
+        "Tensor[] masks, Tensor x_rate, Tensor target, Tensor kappa, Tensor(e!) in_ring, "
+        "Tensor(f!)[] rings, Tensor(g!)[] C, Tensor(h!)[] lam, Tensor(i!)[] A, Tensor(j!) step, "
+        "Tensor lane_key, Tensor lengths, Tensor windows, Tensor[] offsets, int seed, "
+        "float[] params, int[] flags, int[] need_train, int[] need_test, int[] kinds, "
+        "float[] lrs, float[] scales, float[] gains, float[] fb_lrs, float fb_gain, "
+        "float fb_scale, bool symmetric, float sparse_gain) -> Tensor[]");
   m.def("segregated_test(Tensor[] W, Tensor[] b, Tensor[] Y, Tensor[] c, Tensor x_rate, "
         "Tensor kappa, Tensor lane_key, int seed, int steps, int window, float[] params, "
         "int[] flags, int[] need_test) -> Tensor");

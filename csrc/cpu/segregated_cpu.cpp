@@ -5,6 +5,8 @@
 //   segregated_plasticity     end-of-example errors and summed weight updates of one layer
 //   segregated_train_example  forward + target phase of one training example in every lane
 //   segregated_test           the test procedure (250 steps from zero state) in every lane
+//   segregated_train_online   consecutive training examples in one lane, the weights updated by
+//                             plain SGD after each (batch-1 training without a call per example)
 //
 // Lanes run in parallel (at::parallel_for); each lane runs its whole example in one thread, so
 // lanes with different random phase lengths never wait for each other. The simulation loops are
@@ -503,6 +505,234 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> plasticit
   return plasticity_results(e, e_fb, P_f, Q_f, scale, fb_scale);
 }
 
+// ---- online training: consecutive examples in one lane, SGD after each ----------------------------
+
+// The plasticity errors of one example in one lane, as segregated_plasticity computes them (the
+// same scalar functions in the same translation unit, so the same arithmetic): e[m] per layer
+// (from the output down; the backprop kind reads the error above through the pre-update W) and,
+// with learned feedback, e_fb[m] per hidden layer.
+template <typename T>
+void online_errors(const std::vector<at::Tensor>& avg, const std::vector<at::Tensor>& W, int M,
+                   at::IntArrayRef kinds, at::ArrayRef<double> gains, double lambda_max,
+                   bool learn_fb, double fb_gain, std::vector<at::Tensor>& e,
+                   std::vector<at::Tensor>& e_fb) {
+  const int H = M - 1;
+  const T lmax = static_cast<T>(lambda_max);
+  for (int m = M - 1; m >= 0; --m) {
+    const int64_t kind = kinds[m];
+    const T coef = static_cast<T>(gains[m] * lambda_max);
+    const T* cf = avg[m].const_data_ptr<T>();
+    at::Tensor a_t;
+    const T* a = nullptr;
+    const T* b = nullptr;
+    if (kind == kKindOutput) {
+      a = avg[3 * M + m].const_data_ptr<T>();  // lam_t
+    } else if (kind == kKindHidden) {
+      a = avg[5 * M + H + m].const_data_ptr<T>();  // A_t
+      b = avg[5 * M + m].const_data_ptr<T>();      // A_f
+    } else {
+      a_t = at::mm(e[m + 1], W[m + 1]).contiguous();
+      a = a_t.const_data_ptr<T>();
+    }
+    T* ep = e[m].mutable_data_ptr<T>();
+    const int64_t n = e[m].size(1);
+    auto fill = [&](auto kind_c) {
+      constexpr int64_t K = decltype(kind_c)::value;
+      for (int64_t j = 0; j < n; ++j)
+        ep[j] = plasticity_error<T>(K, cf[j], a[j], K == kKindHidden ? b[j] : T(0), lmax, coef);
+    };
+    if (kind == kKindOutput) fill(std::integral_constant<int64_t, kKindOutput>{});
+    else if (kind == kKindHidden) fill(std::integral_constant<int64_t, kKindHidden>{});
+    else fill(std::integral_constant<int64_t, kKindBackprop>{});
+    if (learn_fb && m < H) {
+      const T* af = avg[5 * M + m].const_data_ptr<T>();
+      T* fp = e_fb[m].mutable_data_ptr<T>();
+      const T fgain = static_cast<T>(fb_gain);
+      for (int64_t j = 0; j < n; ++j) fp[j] = feedback_error<T>(cf[j], af[j], lmax, fgain);
+    }
+  }
+}
+
+// Whether ATen's add_(g, alpha) rounds w + alpha g once (a fused multiply-add: its CPU kernels
+// use FMA where the CPU has it) or twice, for dtype T: probed once on values where the two
+// differ, over a length that covers both the vectorised body and the scalar tail of its loop.
+// The online op's own SGD loops then compute exactly what the optimiser's add_ would.
+template <typename T>
+bool aten_add_is_fused() {
+  static const int answer = [] {
+    // find values where one rounding and two differ (plenty among random ones)
+    uint64_t state = 0x9E3779B97F4A7C15ull;
+    auto next = [&] {
+      state = state * 6364136223846793005ull + 1442695040888963407ull;
+      return static_cast<T>(static_cast<double>(state >> 11) * 0x1.0p-53 + 0.5);
+    };
+    T g = 0, a = 0, w = 0;
+    for (int tries = 0; tries < 100000; ++tries) {
+      g = next(); a = -next(); w = next();
+      if (std::fma(g, a, w) != static_cast<T>(w + static_cast<T>(g * a))) break;
+    }
+    const int64_t n = 67;  // a few vector lengths and a tail
+    at::Tensor W = at::full({n}, w, at::CPU(c10::CppTypeToScalarType<T>::value));
+    const at::Tensor G = at::full({n}, g, W.options());
+    W.add_(G, a);
+    const T* p = W.const_data_ptr<T>();
+    const T fused = std::fma(g, a, w);
+    bool all_fused = true, all_unfused = true;
+    for (int64_t i = 0; i < n; ++i) {
+      all_fused = all_fused && p[i] == fused;
+      all_unfused = all_unfused && p[i] != fused;
+    }
+    TORCH_CHECK(all_fused || all_unfused, "bpdl.segregated_train_online: ATen's add_ rounds "
+                "differently in different parts of a tensor; online training cannot match it");
+    return all_fused ? 1 : 0;
+  }();
+  return answer != 0;
+}
+
+template <typename T>
+__attribute__((optimize("fp-contract=off"))) T add_scaled(T g, T alpha, T w, bool fused) {
+  if (fused) return std::fma(g, alpha, w);
+  const T p = g * alpha;
+  return w + p;
+}
+
+// Learned feedback's SGD step and mask, as the optimiser and after_update_ apply them:
+// gY = (e_fb^T Q_f) fb_scale, gc = e_fb fb_scale, Y <- fma(gY, -lr, Y), c likewise, then the
+// sparse mask (when given) multiplies Y.
+template <typename T>
+void online_feedback_update(const at::Tensor& Y, const at::Tensor& c, const at::Tensor& e_fb,
+                            const at::Tensor& Q_f, double fb_scale, double lr,
+                            const at::Tensor& mask) {
+  const T fbs = static_cast<T>(fb_scale);
+  const T alpha = static_cast<T>(-lr);
+  const bool fused = aten_add_is_fused<T>();
+  const int64_t rows = Y.size(0), cols = Y.size(1);
+  const T* e = e_fb.const_data_ptr<T>();
+  const T* q = Q_f.const_data_ptr<T>();
+  T* y = Y.mutable_data_ptr<T>();
+  for (int64_t j = 0; j < rows; ++j)
+    for (int64_t i = 0; i < cols; ++i) {
+      const T g = (e[j] * q[i]) * fbs;
+      y[j * cols + i] = add_scaled(g, alpha, y[j * cols + i], fused);
+    }
+  if (c.defined()) {
+    T* cp = c.mutable_data_ptr<T>();
+    for (int64_t j = 0; j < rows; ++j) cp[j] = add_scaled(e[j] * fbs, alpha, cp[j], fused);
+  }
+  if (mask.defined()) Y.mul_(mask);
+}
+
+std::vector<at::Tensor> train_online_cpu(
+    at::TensorList W_, at::TensorList b_, at::TensorList Y_, at::TensorList c_, at::TensorList masks,
+    const at::Tensor& x_rate_, const at::Tensor& target_, const at::Tensor& kappa,
+    const at::Tensor& in_ring, at::TensorList rings, at::TensorList C, at::TensorList lam,
+    at::TensorList A, const at::Tensor& step, const at::Tensor& lane_key_,
+    const at::Tensor& lengths_, const at::Tensor& windows_, at::TensorList offsets_, int64_t seed,
+    at::ArrayRef<double> params, at::IntArrayRef flags, at::IntArrayRef need_train,
+    at::IntArrayRef need_test, at::IntArrayRef kinds, at::ArrayRef<double> lrs,
+    at::ArrayRef<double> scales, at::ArrayRef<double> gains, at::ArrayRef<double> fb_lrs,
+    double fb_gain, double fb_scale, bool symmetric, double sparse_gain) {
+  const char* op = "bpdl.segregated_train_online";
+  check_train_args(W_, b_, Y_, c_, x_rate_, target_, kappa, in_ring, rings, C, lam, A, step,
+                   lane_key_, lengths_, windows_, offsets_, seed, params, flags, need_train,
+                   need_test, /*state_lanes=*/1, op);
+  check_online_args(W_, b_, Y_, c_, masks, kinds, lrs, scales, gains, fb_lrs, symmetric, op);
+  const int M = static_cast<int>(W_.size()), H = M - 1;
+  const int64_t K = x_rate_.size(0);
+  const at::Tensor x_all = x_rate_.contiguous();
+  const at::Tensor target = target_.contiguous();
+  const at::Tensor lengths = lengths_.contiguous();
+  const at::Tensor windows = windows_.contiguous();
+  const auto offsets = contiguous_all(offsets_);
+  // one lane's view of the network (the weights are contiguous: updated in place below)
+  HostNet h = host_net(W_, b_, Y_, c_, x_all.narrow(0, 0, std::min<int64_t>(K, 1)), lane_key_,
+                       flags);
+  const bool spiking_ff = flags[kSpikingFF] != 0;
+  const auto WT = spiking_ff ? transposed_all(h.W) : std::vector<at::Tensor>();
+  std::vector<at::Tensor> avg = train_outputs(h);
+  const int64_t n_out = h.W[M - 1].size(0);
+  at::Tensor lam_out = at::empty({K, n_out}, x_all.options());
+  at::Tensor C_out = at::empty({K, n_out}, x_all.options());
+  std::vector<at::Tensor> result;
+  const bool learn_fb = !fb_lrs.empty();
+  std::vector<at::Tensor> e, e_fb;
+  for (int m = 0; m < M; ++m) e.push_back(at::empty({1, h.W[m].size(0)}, x_all.options()));
+  for (int m = 0; m < H && learn_fb; ++m) e_fb.push_back(at::empty_like(e[m]));
+  const std::vector<double> prm(params.begin(), params.end());
+  const std::vector<int64_t> flg(flags.begin(), flags.end());
+  const std::vector<int64_t> ntr(need_train.begin(), need_train.end());
+  const std::vector<int64_t> nte(need_test.begin(), need_test.end());
+  AT_DISPATCH_FLOATING_TYPES(x_all.scalar_type(), "segregated_train_online_cpu", [&] {
+    using T = scalar_t;
+    const Net<T> net = make_net<T>(h.W, WT, h.b, h.Y, h.c, kappa, x_all.size(1), seed, prm, flg,
+                                   ntr, nte);
+    std::vector<int8_t*> ring_p;
+    std::vector<T*> C_p, lam_p, A_p, out_p;
+    for (const auto& t : rings) ring_p.push_back(t.mutable_data_ptr<int8_t>());
+    for (const auto& t : C) C_p.push_back(t.mutable_data_ptr<T>());
+    for (const auto& t : lam) lam_p.push_back(t.mutable_data_ptr<T>());
+    for (const auto& t : A) A_p.push_back(t.mutable_data_ptr<T>());
+    for (auto& t : avg) out_p.push_back(t.mutable_data_ptr<T>());
+    int8_t* in_ring_p = in_ring.mutable_data_ptr<int8_t>();
+    int64_t* step_p = step.mutable_data_ptr<int64_t>();
+    const int64_t* key_p = lane_key_.const_data_ptr<int64_t>();
+    const int64_t order = 0;
+    std::vector<int64_t> cols;
+    for (int64_t k = 0; k < K; ++k) {
+      // the example: its input, target, phase plan and (rates in) first-layer drive
+      const at::Tensor x_k = x_all.narrow(0, k, 1);
+      const at::Tensor B0 = spiking_ff ? at::Tensor()
+                                       : at::addmm(h.b[0], x_k, h.W[0].t()).contiguous();
+      std::vector<const int64_t*> off_p;
+      for (int m = 0; m < static_cast<int>(offsets.size()); ++m)
+        off_p.push_back(offsets[m].const_data_ptr<int64_t>() + k * 2 * h.W[m].size(0));
+      std::atomic<int64_t> next{0};
+      std::vector<int8_t*> rp = ring_p;
+      std::vector<T*> cp = C_p, lp = lam_p, ap = A_p, op_ = out_p;
+      with_best_isa([&](auto isa) {
+        decltype(isa)::template train<T>(
+            net, next, int64_t{1}, x_all.const_data_ptr<T>() + k * x_all.size(1),
+            target.const_data_ptr<T>() + k * n_out, B0, in_ring_p, rp, cp, lp, ap, step_p, key_p,
+            lengths.const_data_ptr<int64_t>() + 2 * k, windows.const_data_ptr<int64_t>() + 2 * k,
+            off_p, op_, &order);
+      });
+      std::copy_n(avg[3 * M + M - 1].const_data_ptr<T>(), n_out, lam_out.mutable_data_ptr<T>() + k * n_out);
+      std::copy_n(avg[M - 1].const_data_ptr<T>(), n_out, C_out.mutable_data_ptr<T>() + k * n_out);
+      if (k == K - 1) break;  // the last example's update is the caller's (its optimiser step)
+      online_errors<T>(avg, h.W, M, kinds, gains, prm[kLambdaMax], learn_fb, fb_gain, e, e_fb);
+      for (int m = 0; m < M; ++m) {
+        const int64_t rows = h.W[m].size(0), n_in = h.W[m].size(1);
+        const T s_m = static_cast<T>(scales[m]);
+        const T alpha = static_cast<T>(-lrs[m]);
+        T* ep = e[m].mutable_data_ptr<T>();
+        for (int64_t j = 0; j < rows; ++j) ep[j] = s_m * ep[j];  // scale * e: the bias gradient
+        const T* P = avg[4 * M + m].const_data_ptr<T>();
+        cols.clear();
+        for (int64_t i = 0; i < n_in; ++i)
+          if (P[i] != T(0)) cols.push_back(i);
+        T* wt = spiking_ff ? WT[m].mutable_data_ptr<T>() : nullptr;
+        const int64_t ld = spiking_ff ? WT[m].stride(0) : 0;
+        const bool fused = aten_add_is_fused<T>();
+        with_best_isa([&](auto isa) {
+          decltype(isa)::template sgd_columns<T>(fused, h.W[m].mutable_data_ptr<T>(), rows, n_in,
+                                                 wt, ld, static_cast<const T*>(ep), P, cols.data(),
+                                                 static_cast<int64_t>(cols.size()), alpha);
+          decltype(isa)::template sgd_vector<T>(fused, h.b[m].mutable_data_ptr<T>(),
+                                                static_cast<const T*>(ep), rows, alpha);
+        });
+        if (learn_fb && m < H) online_feedback_update<T>(h.Y[m], h.c.empty() ? at::Tensor() : h.c[m],
+                                                        e_fb[m], avg[5 * M + 2 * H + m], fb_scale,
+                                                        fb_lrs[m], masks.empty() ? at::Tensor() : masks[m]);
+      }
+      if (symmetric) online_symmetric_feedback(h.W, h.Y, masks, flags[kBroadcast] != 0, sparse_gain);
+    }
+  });
+  result = avg;
+  result.push_back(lam_out);
+  result.push_back(C_out);
+  return result;
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(bpdl, CPU, m) {
@@ -511,6 +741,7 @@ TORCH_LIBRARY_IMPL(bpdl, CPU, m) {
   m.impl("segregated_plasticity", &plasticity_cpu);
   m.impl("segregated_train_example", &train_example_cpu);
   m.impl("segregated_test", &test_cpu);
+  m.impl("segregated_train_online", &train_online_cpu);
 }
 
 }  // namespace bpdl

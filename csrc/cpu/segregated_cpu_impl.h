@@ -844,8 +844,81 @@ void test_lanes(const Net<T>& net, std::atomic<int64_t>& next, int64_t B, const 
   }
 }
 
+// w + alpha g, rounded once (Fused) or twice: the two ways ATen's add_(g, alpha) may compute it
+// (a fused multiply-add where its CPU kernels have FMA); segregated_cpu.cpp probes which.
+template <typename T>
+inline T axpy_fused(T g, T alpha, T w) {
+  // the builtin, so that it becomes one instruction where this build has FMA
+  if constexpr (std::is_same_v<T, float>) return __builtin_fmaf(g, alpha, w);
+  else return __builtin_fma(g, alpha, w);
+}
+template <typename T>
+__attribute__((optimize("fp-contract=off"))) inline T axpy_unfused(T g, T alpha, T w) {
+  const T p = g * alpha;
+  return w + p;
+}
+
+// One example's SGD step on a weight matrix W (rows x ncols_W, row-major) and, when given, on
+// its padded transpose WT (ncols_W x ldWT): for every column i in `cols` and every row j,
+//   w <- w + alpha g,  g = se[j] * P[i]  (se = scale * e),
+// which is, element for element, what ATen's W.add_(g, alpha) computes for the gradient
+// g = addmm(alpha=scale, e^T, P) of one lane (the scale rides on e). Columns with P[i] = 0
+// have g = 0 and are skipped: W keeps its values there. With a transpose, column by column (a
+// row of WT is written in order; WT's padded row stride is a power of two, so walking down its
+// columns instead would keep evicting its own lines); without, row by row (W read in order).
+template <typename T, bool Fused>
+void sgd_columns_impl(T* W, int64_t rows, int64_t ncols_W, T* WT, int64_t ldWT, const T* se,
+                      const T* P, const int64_t* cols, int64_t ncols, T alpha) {
+  if (WT) {
+    for (int64_t k = 0; k < ncols; ++k) {
+      const int64_t i = cols[k];
+      const T p = P[i];
+      T* wt = WT + i * ldWT;
+      for (int64_t j = 0; j < rows; ++j) {
+        const T g = se[j] * p;
+        T* w = W + j * ncols_W + i;
+        *w = Fused ? axpy_fused(g, alpha, *w) : axpy_unfused(g, alpha, *w);
+        wt[j] = *w;
+      }
+    }
+    return;
+  }
+  for (int64_t j = 0; j < rows; ++j) {
+    T* wrow = W + j * ncols_W;
+    const T sej = se[j];
+    for (int64_t k = 0; k < ncols; ++k) {
+      const int64_t i = cols[k];
+      const T g = sej * P[i];
+      const T w = Fused ? axpy_fused(g, alpha, wrow[i]) : axpy_unfused(g, alpha, wrow[i]);
+      wrow[i] = w;
+    }
+  }
+}
+
+template <typename T>
+void sgd_columns(bool fused, T* W, int64_t rows, int64_t ncols_W, T* WT, int64_t ldWT,
+                 const T* se, const T* P, const int64_t* cols, int64_t ncols, T alpha) {
+  if (fused) sgd_columns_impl<T, true>(W, rows, ncols_W, WT, ldWT, se, P, cols, ncols, alpha);
+  else sgd_columns_impl<T, false>(W, rows, ncols_W, WT, ldWT, se, P, cols, ncols, alpha);
+}
+
+// v <- v + alpha g for a vector (a bias).
+template <typename T>
+void sgd_vector(bool fused, T* v, const T* g, int64_t n, T alpha) {
+  for (int64_t j = 0; j < n; ++j)
+    v[j] = fused ? axpy_fused(g[j], alpha, v[j]) : axpy_unfused(g[j], alpha, v[j]);
+}
+
 // This instruction set's entry points as one type, for the run-time choice in segregated_cpu.cpp.
 struct Isa {
+  template <typename T, typename... Args>
+  static void sgd_columns(Args&&... args) {
+    BPDL_SEG_IMPL_NS::sgd_columns<T>(std::forward<Args>(args)...);
+  }
+  template <typename T, typename... Args>
+  static void sgd_vector(Args&&... args) {
+    BPDL_SEG_IMPL_NS::sgd_vector<T>(std::forward<Args>(args)...);
+  }
   template <typename T, typename... Args>
   static void train(Args&&... args) {
     train_lanes<T>(std::forward<Args>(args)...);

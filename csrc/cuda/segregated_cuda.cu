@@ -16,6 +16,8 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <array>
+#include <optional>
 #include <vector>
 
 #include "bpdl/segregated.h"
@@ -903,6 +905,90 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> plasticit
   return plasticity_results(e, e_fb, P_f, Q_f, scale, fb_scale);
 }
 
+// ---- online training: consecutive examples in one lane, SGD after each ----------------------------
+// On the GPU one lane is one block, so online training is a host loop over the fused example
+// kernel and the plasticity kernel, with the SGD step taken as torch.optim.SGD takes it on CUDA
+// (its foreach add over each parameter group): the same as batch-1 steps through the optimiser.
+
+std::vector<at::Tensor> train_online_cuda(
+    at::TensorList W, at::TensorList b, at::TensorList Y, at::TensorList c, at::TensorList masks,
+    const at::Tensor& x_rate, const at::Tensor& target, const at::Tensor& kappa,
+    const at::Tensor& in_ring, at::TensorList rings, at::TensorList C, at::TensorList lam,
+    at::TensorList A, const at::Tensor& step, const at::Tensor& lane_key,
+    const at::Tensor& lengths, const at::Tensor& windows, at::TensorList offsets, int64_t seed,
+    at::ArrayRef<double> params, at::IntArrayRef flags, at::IntArrayRef need_train,
+    at::IntArrayRef need_test, at::IntArrayRef kinds, at::ArrayRef<double> lrs,
+    at::ArrayRef<double> scales, at::ArrayRef<double> gains, at::ArrayRef<double> fb_lrs,
+    double fb_gain, double fb_scale, bool symmetric, double sparse_gain) {
+  const char* op = "bpdl.segregated_train_online";
+  check_train_args(W, b, Y, c, x_rate, target, kappa, in_ring, rings, C, lam, A, step, lane_key,
+                   lengths, windows, offsets, seed, params, flags, need_train, need_test,
+                   /*state_lanes=*/1, op);
+  check_online_args(W, b, Y, c, masks, kinds, lrs, scales, gains, fb_lrs, symmetric, op);
+  const c10::cuda::CUDAGuard guard(x_rate.device());
+  const int M = static_cast<int>(W.size()), H = M - 1;
+  const int64_t K = x_rate.size(0);
+  const bool learn_fb = !fb_lrs.empty();
+  const std::vector<at::Tensor> Wv(W.begin(), W.end()), Yv(Y.begin(), Y.end());
+  std::vector<at::Tensor> avg, lam_out, C_out;
+  for (int64_t k = 0; k < K; ++k) {
+    std::vector<at::Tensor> off;
+    for (const auto& o : offsets) off.push_back(o.narrow(0, k, 1));
+    avg = train_example_cuda(W, b, Y, c, x_rate.narrow(0, k, 1), target.narrow(0, k, 1), kappa,
+                             in_ring, rings, C, lam, A, step, lane_key, lengths.narrow(0, k, 1),
+                             windows.narrow(0, k, 1), off, seed, params, flags, need_train,
+                             need_test);
+    lam_out.push_back(avg[3 * M + M - 1]);
+    C_out.push_back(avg[M - 1]);
+    if (k == K - 1) break;
+    // plasticity from the output down (the backprop kind reads the pre-update W above)
+    std::vector<at::Tensor> e(M);
+    std::vector<std::array<at::Tensor, 4>> g(M);
+    for (int m = M - 1; m >= 0; --m) {
+      const bool fb = learn_fb && m < H;
+      std::optional<at::Tensor> bb, A_f, Q_f;
+      at::Tensor a;
+      if (kinds[m] == kKindOutput) {
+        a = avg[3 * M + m];
+      } else if (kinds[m] == kKindHidden) {
+        a = avg[5 * M + H + m];
+        bb = avg[5 * M + m];
+      } else {
+        a = at::mm(e[m + 1], W[m + 1]);
+      }
+      if (fb) {
+        A_f = avg[5 * M + m];
+        Q_f = avg[5 * M + 2 * H + m];
+      }
+      auto [e_m, gW, gb, gY, gc] = plasticity_cuda(kinds[m], avg[m], avg[4 * M + m], a, bb, A_f,
+                                                   Q_f, params[kLambdaMax], gains[m], scales[m],
+                                                   fb_gain, fb_scale);
+      e[m] = e_m;
+      g[m] = {gW, gb, gY, gc};
+    }
+    for (int m = 0; m < M; ++m) {
+      at::_foreach_add_(at::TensorList({W[m], b[m]}), at::TensorList({g[m][0], g[m][1]}), -lrs[m]);
+      if (learn_fb && m < H) {
+        if (!c.empty()) {
+          at::_foreach_add_(at::TensorList({Y[m], c[m]}), at::TensorList({g[m][2], g[m][3]}),
+                            -fb_lrs[m]);
+        } else {
+          at::_foreach_add_(at::TensorList({Y[m]}), at::TensorList({g[m][2]}), -fb_lrs[m]);
+        }
+      }
+    }
+    if (symmetric) {
+      online_symmetric_feedback(Wv, Yv, masks, flags[kBroadcast] != 0, sparse_gain);
+    } else if (learn_fb && !masks.empty()) {
+      for (int m = 0; m < H; ++m) Y[m].mul_(masks[m]);
+    }
+  }
+  std::vector<at::Tensor> result = avg;
+  result.push_back(at::cat(lam_out));
+  result.push_back(at::cat(C_out));
+  return result;
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(bpdl, CUDA, m) {
@@ -911,6 +997,7 @@ TORCH_LIBRARY_IMPL(bpdl, CUDA, m) {
   m.impl("segregated_plasticity", &plasticity_cuda);
   m.impl("segregated_train_example", &train_example_cuda);
   m.impl("segregated_test", &test_cuda);
+  m.impl("segregated_train_online", &train_online_cuda);
 }
 
 }  // namespace bpdl

@@ -93,12 +93,16 @@ inline void check_train_args(at::TensorList W, at::TensorList b, at::TensorList 
                              const at::Tensor& lengths, const at::Tensor& windows,
                              at::TensorList offsets, int64_t seed, at::ArrayRef<double> params,
                              at::IntArrayRef flags, at::IntArrayRef need_train,
-                             at::IntArrayRef need_test) {
-  const char* op = "bpdl.segregated_train_example";
+                             at::IntArrayRef need_test, int64_t state_lanes = -1,
+                             const char* op = "bpdl.segregated_train_example") {
+  // The example tensors (x_rate, target, the phase plan) have one row per example; the state
+  // and lane_key one per lane: as many lanes as examples, or `state_lanes` (online training runs
+  // its examples one after another in one lane).
   check_params(params, flags, kNumFlags, op);
   check_network(W, b, Y, c, x_rate, kappa, flags[kBroadcast] != 0, op);
   const int64_t M = static_cast<int64_t>(W.size());
   const int64_t B = x_rate.size(0);
+  const int64_t lanes = state_lanes < 0 ? B : state_lanes;
   const int64_t taps = kappa.numel();
   TORCH_CHECK(seed >= 0, op, ": seed must be >= 0, got ", seed);
   TORCH_CHECK(target.dim() == 2 && target.size(0) == B && target.size(1) == W[M - 1].size(0), op,
@@ -109,7 +113,7 @@ inline void check_train_args(at::TensorList W, at::TensorList b, at::TensorList 
                   in_ring.size(2) == x_rate.size(1),
               op, ": in_ring must be int8 (lanes, taps, n_in), got ", in_ring.scalar_type(), " ",
               in_ring.sizes());
-  check_state_tensor(in_ring, x_rate, B, op, "in_ring");
+  check_state_tensor(in_ring, x_rate, lanes, op, "in_ring");
   TORCH_CHECK(static_cast<int64_t>(rings.size()) == M && static_cast<int64_t>(C.size()) == M &&
                   static_cast<int64_t>(lam.size()) == M && static_cast<int64_t>(A.size()) == M - 1,
               op, ": the state needs one ring, C and lam per layer and one A per hidden layer");
@@ -118,22 +122,23 @@ inline void check_train_args(at::TensorList W, at::TensorList b, at::TensorList 
     TORCH_CHECK(rings[m].scalar_type() == at::kChar && rings[m].dim() == 3 &&
                     rings[m].size(1) == taps && rings[m].size(2) == nm,
                 op, ": rings[", m, "] must be int8 (lanes, taps, ", nm, "), got ", rings[m].sizes());
-    check_state_tensor(rings[m], x_rate, B, op, "rings");
+    check_state_tensor(rings[m], x_rate, lanes, op, "rings");
     TORCH_CHECK(C[m].dim() == 2 && C[m].size(1) == nm && lam[m].dim() == 2 && lam[m].size(1) == nm,
                 op, ": C[", m, "] and lam[", m, "] must be (lanes, ", nm, ")");
-    check_state_tensor(C[m], x_rate, B, op, "C");
-    check_state_tensor(lam[m], x_rate, B, op, "lam");
+    check_state_tensor(C[m], x_rate, lanes, op, "C");
+    check_state_tensor(lam[m], x_rate, lanes, op, "lam");
     check_same_float(C[m], x_rate, op, "C");
     check_same_float(lam[m], x_rate, op, "lam");
     if (m + 1 < M) {
       TORCH_CHECK(A[m].dim() == 2 && A[m].size(1) == nm, op, ": A[", m, "] must be (lanes, ", nm, ")");
-      check_state_tensor(A[m], x_rate, B, op, "A");
+      check_state_tensor(A[m], x_rate, lanes, op, "A");
       check_same_float(A[m], x_rate, op, "A");
     }
   }
   TORCH_CHECK(step.scalar_type() == at::kLong && step.dim() == 1, op, ": step must be int64 (lanes,)");
-  check_state_tensor(step, x_rate, B, op, "step");
-  TORCH_CHECK(lane_key.scalar_type() == at::kLong && lane_key.dim() == 1 && lane_key.size(0) == B,
+  check_state_tensor(step, x_rate, lanes, op, "step");
+  TORCH_CHECK(lane_key.scalar_type() == at::kLong && lane_key.dim() == 1 &&
+                  lane_key.size(0) == lanes,
               op, ": lane_key must be int64 (lanes,)");
   for (const at::Tensor* t : {&lengths, &windows}) {
     TORCH_CHECK(t->scalar_type() == at::kLong && t->dim() == 2 && t->size(0) == B && t->size(1) == 2,
@@ -173,6 +178,33 @@ inline void check_train_args(at::TensorList W, at::TensorList b, at::TensorList 
       }
     }
   }
+}
+
+// The online op's own arguments (the simulation's are check_train_args').
+inline void check_online_args(at::TensorList W, at::TensorList b, at::TensorList Y,
+                              at::TensorList c, at::TensorList masks, at::IntArrayRef kinds,
+                              at::ArrayRef<double> lrs, at::ArrayRef<double> scales,
+                              at::ArrayRef<double> gains, at::ArrayRef<double> fb_lrs,
+                              bool symmetric, const char* op) {
+  const size_t M = W.size(), H = M - 1;
+  for (at::TensorList list : {W, b, Y, c})
+    for (const auto& t : list)
+      TORCH_CHECK(t.is_contiguous(), op, ": the weights must be contiguous (updated in place)");
+  TORCH_CHECK(kinds.size() == M && lrs.size() == M && scales.size() == M && gains.size() == M,
+              op, ": kinds, lrs, scales and gains need one entry per layer (", M, ")");
+  for (auto k : kinds)
+    TORCH_CHECK(k == kKindOutput || k == kKindHidden || k == kKindBackprop, op,
+                ": plasticity kinds must be 0, 1 or 2, got ", k);
+  TORCH_CHECK(kinds[M - 1] == kKindOutput, op, ": the output layer's kind must be 0");
+  TORCH_CHECK(fb_lrs.empty() || fb_lrs.size() == H, op,
+              ": fb_lrs must be empty (fixed feedback) or one rate per hidden layer");
+  TORCH_CHECK(!(symmetric && !fb_lrs.empty()), op,
+              ": symmetric feedback and learned feedback exclude each other");
+  TORCH_CHECK(masks.empty() || masks.size() == H, op,
+              ": masks must be empty or one per hidden layer");
+  for (size_t m = 0; m < masks.size(); ++m)
+    TORCH_CHECK(masks[m].scalar_type() == at::kBool && masks[m].sizes() == Y[m].sizes(), op,
+                ": masks[", m, "] must be a bool tensor shaped like Y[", m, "]");
 }
 
 inline void check_test_args(at::TensorList W, at::TensorList b, at::TensorList Y, at::TensorList c,

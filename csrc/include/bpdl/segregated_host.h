@@ -84,5 +84,20 @@ inline std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> pl
   return {e, gW, gb, gY, gc};
 }
 
+// G17's symmetric feedback from the updated forward weights, with the ATen operations of
+// SegregatedDendriteNet.make_feedback_symmetric_ (broadcast: Y_{M-2} = W_{M-1}^T and
+// Y_m = W_{m+1}^T Y_{m+1}; else Y_m = W_{m+1}^T), the sparse mask and gain re-applied.
+inline void online_symmetric_feedback(const std::vector<at::Tensor>& W, const std::vector<at::Tensor>& Y,
+                               at::TensorList masks, bool broadcast, double sparse_gain) {
+  at::Tensor above;
+  for (int m = static_cast<int>(W.size()) - 2; m >= 0; --m) {
+    at::Tensor factor = W[m + 1].t().to(at::kDouble).clone();
+    at::Tensor y = (!broadcast || !above.defined()) ? factor : at::mm(factor, above);
+    above = y;
+    if (!masks.empty()) y = at::mul(at::mul(y, masks[m]), sparse_gain);
+    Y[m].copy_(y);
+  }
+}
+
 }  // namespace seg
 }  // namespace bpdl

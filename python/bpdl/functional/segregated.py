@@ -50,6 +50,7 @@ __all__ = [
     "plateau_offsets", "philox_normals", "psp", "soma_hidden", "soma_output", "rate",
     "layer_step", "sparse_basal", "plasticity", "output_loss", "class_scores",
     "simulate_training_example", "simulate_test", "KIND_OUTPUT", "KIND_HIDDEN", "KIND_BACKPROP",
+    "symmetric_feedback", "online_update", "train_online",
 ]
 
 #: Philox stream (fourth counter word) of the spike draws; population ``pop`` adds to it
@@ -717,3 +718,105 @@ def simulate_test(W: Sequence[Tensor], b: Sequence[Tensor], Y: Sequence[Tensor],
     acc = _run_phase(W, b, Y, cs, state, x_rate, None, lengths, window, None, seed, lane_key,
                      params, kappa, "test", recorder, original_quirks, draw)
     return acc.C[-1] / params.test_window
+
+
+# ---- online (batch-1) training --------------------------------------------------------------------
+
+def symmetric_feedback(W: Sequence[Tensor], Y: Sequence[Tensor], broadcast: bool,
+                       masks: Sequence[Tensor] | None = None, sparse_gain: float = 1.0) -> None:
+    """G17's symmetric feedback from the forward weights, in place (docs/algorithms/
+    segregated_dendrites.md §5.7): broadcast Y_{M-2} = W_{M-1}^T and Y_m = W_{m+1}^T Y_{m+1};
+    layer-wise Y_m = W_{m+1}^T; the sparse masks (and gain) re-applied when given."""
+    above: Tensor | None = None
+    for m in range(len(W) - 2, -1, -1):
+        factor = W[m + 1].t().to(torch.float64).clone()
+        y = factor if (not broadcast or above is None) else factor @ above
+        above = y
+        if masks:
+            y = y * masks[m] * sparse_gain
+        Y[m].copy_(y)
+
+
+def online_update(W: Sequence[Tensor], b: Sequence[Tensor], Y: Sequence[Tensor],
+                  c: Sequence[Tensor | None] | None, avg: PhaseAverages, lambda_max: float,
+                  kinds: Sequence[int], lrs: Sequence[float], scales: Sequence[float],
+                  gains: Sequence[float], fb_lrs: Sequence[float] = (), fb_gain: float = 1.0,
+                  fb_scale: float = 0.0, plasticity_fn=None) -> list[Tensor]:
+    """One example's plasticity (one lane) and plain SGD step, in place: per layer, from the
+    output down, the error e and gradients of :func:`plasticity` (or ``plasticity_fn``, the
+    fused op), then W <- W - lr grad_W, b <- b - lr grad_b (``p.add_(grad, alpha=-lr)``, as
+    ``torch.optim.SGD`` without momentum), and with learned feedback (``fb_lrs``) Y and c at
+    their own rates. The backprop kind reads the error above through the pre-update W. Returns
+    the errors."""
+    plasticity_fn = plasticity_fn or plasticity
+    M = len(W)
+    errors: list[Tensor] = [avg.C_f[m] for m in range(M)]
+    grads = [None] * M
+    for m in range(M - 1, -1, -1):
+        if kinds[m] == KIND_OUTPUT:
+            a, b_ = avg.lam_t[m], None
+        elif kinds[m] == KIND_HIDDEN:
+            a, b_ = avg.A_t[m], avg.A_f[m]
+        else:
+            a, b_ = errors[m + 1] @ W[m + 1], None
+        fb = bool(fb_lrs) and m < M - 1
+        e, gW, gb, gY, gc = plasticity_fn(kinds[m], avg.C_f[m], avg.P_f[m], a, b_, lambda_max,
+                                          gains[m], scales[m], A_f=avg.A_f[m] if fb else None,
+                                          Q_f=avg.Q_f[m] if fb else None, fb_gain=fb_gain,
+                                          fb_scale=fb_scale)
+        errors[m], grads[m] = e, (gW, gb, gY, gc)
+    for m, (gW, gb, gY, gc) in enumerate(grads):
+        W[m].add_(gW, alpha=-lrs[m])
+        b[m].add_(gb, alpha=-lrs[m])
+        if gY is not None:
+            Y[m].add_(gY, alpha=-fb_lrs[m])
+            if c is not None and c[m] is not None:
+                c[m].add_(gc, alpha=-fb_lrs[m])
+    return errors
+
+
+def train_online(W: Sequence[Tensor], b: Sequence[Tensor], Y: Sequence[Tensor],
+                 c: Sequence[Tensor | None] | None, masks: Sequence[Tensor] | None,
+                 state: LaneState, x_rate: Tensor, target: Tensor, lengths: Tensor,
+                 windows: Tensor, offsets: Sequence[Tensor] | None, seed: int, lane_key: Tensor,
+                 params: SimParams, kinds: Sequence[int], lrs: Sequence[float],
+                 scales: Sequence[float], gains: Sequence[float], fb_lrs: Sequence[float] = (),
+                 fb_gain: float = 1.0, fb_scale: float = 0.0, symmetric: bool = False,
+                 sparse_gain: float = 1.0, original_quirks: bool = False, simulate=None,
+                 plasticity_fn=None, after_update=None
+                 ) -> tuple[PhaseAverages, Tensor, Tensor]:
+    """Online training of K consecutive examples in one lane (the reference of
+    ``bpdl::segregated_train_online``): example k runs its forward and target phase from the
+    state example k - 1 left (:func:`simulate_training_example` on row k of ``x_rate``,
+    ``target`` and the phase plan); for every example but the last, :func:`online_update` then
+    takes its SGD step and the feedback is maintained (learned feedback re-masked, symmetric
+    feedback recomputed: :func:`symmetric_feedback`; or ``after_update()``). This is batch-1
+    training exactly: the last example's update is left to the caller's optimiser.
+
+    Returns the last example's phase averages and the output layer's lam_t and C_f (K, n_out)
+    of every example. ``simulate`` and ``plasticity_fn`` replace the reference functions (the
+    rule passes the fused ops when a configuration has no fused online path).
+    """
+    simulate = simulate or simulate_training_example
+    K = x_rate.shape[0]
+    lam_out, C_out = [], []
+    avg = None
+    for k in range(K):
+        row = slice(k, k + 1)
+        avg = simulate(W, b, Y, c, state, x_rate[row], target[row], lengths[row], windows[row],
+                       None if offsets is None else [o[row] for o in offsets], seed, lane_key,
+                       params, original_quirks=original_quirks)
+        lam_out.append(avg.lam_t[-1])
+        C_out.append(avg.C_f[-1])
+        if k == K - 1:
+            break
+        online_update(W, b, Y, c, avg, params.lambda_max, kinds, lrs, scales, gains, fb_lrs,
+                      fb_gain, fb_scale, plasticity_fn)
+        if after_update is not None:
+            after_update()
+        elif symmetric:
+            symmetric_feedback(W, Y, params.broadcast, masks, sparse_gain)
+        elif masks and fb_lrs:
+            for m, mask in enumerate(masks):
+                Y[m].mul_(mask)
+    return avg, torch.cat(lam_out), torch.cat(C_out)

@@ -28,6 +28,7 @@ from bpdl.ops.segregated import (
     segregated_sparse_basal,
     segregated_test,
     segregated_train_example,
+    segregated_train_online,
 )
 from bpdl.ops.spikes import MAX_POISSON_MEAN, poisson_spikes
 
@@ -36,7 +37,8 @@ __all__ = [
     "kernel_backends", "locally_connected2d", "locally_connected2d_grad_input",
     "locally_connected2d_grad_weight", "operator_names", "poisson_spikes",
     "segregated_layer_step", "segregated_plasticity", "segregated_sparse_basal", "segregated_test",
-    "segregated_train_example", "sign_feedback", "sign_random_feedback",
+    "segregated_train_example", "segregated_train_online", "sign_feedback",
+    "sign_random_feedback",
 ]
 
 _BACKENDS: dict[str, tuple[str, ...]] = {}

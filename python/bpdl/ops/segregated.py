@@ -12,7 +12,7 @@ from torch import Tensor
 from bpdl.ops.spikes import MAX_POISSON_MEAN
 
 __all__ = ["segregated_layer_step", "segregated_plasticity", "segregated_sparse_basal",
-           "segregated_test", "segregated_train_example"]
+           "segregated_test", "segregated_train_example", "segregated_train_online"]
 
 
 def _seg_lists(params, original_quirks: bool = False) -> tuple[list[float], list[int]]:
@@ -153,6 +153,46 @@ def segregated_train_example(W, b, Y, c, state, x_rate: Tensor, target: Tensor, 
     return PhaseAverages.from_flat(flat, params.n_layers)
 
 
+def segregated_train_online(W, b, Y, c, masks, state, x_rate: Tensor, target: Tensor,
+                            lengths: Tensor, windows: Tensor, offsets, seed: int,
+                            lane_key: Tensor, params, kinds, lrs, scales, gains, fb_lrs=(),
+                            fb_gain: float = 1.0, fb_scale: float = 0.0, symmetric: bool = False,
+                            sparse_gain: float = 1.0, original_quirks: bool = False, *,
+                            validate: bool = True):
+    """Online (batch-1) training of the K examples of ``x_rate`` in the one lane of ``state``,
+    fused: each example's forward and target phase from the state the previous one left, then,
+    for every example but the last, its plasticity and a plain SGD step on W and b at ``lrs``
+    (learned feedback Y, c at ``fb_lrs``; masks re-applied; symmetric feedback recomputed), the
+    weights updated in place between examples. Reference:
+    :func:`bpdl.functional.segregated.train_online` (same arguments); equal, bit for bit, to
+    K steps of batch 1 through the fused example and plasticity ops and ``torch.optim.SGD``
+    (the SGD step is fma(grad, -lr, w), as ATen's ``add_``; the columns of W whose input PSP
+    was zero are not touched, and the event-driven transposes are updated with them).
+
+    ``kinds``, ``scales``, ``gains``: per layer the plasticity kind, the scale (-P) and gain of
+    :func:`segregated_plasticity`; ``fb_gain``, ``fb_scale`` those of learned feedback. The last
+    example's update is left to the caller (its optimiser step). Returns the last example's
+    phase averages (one lane) and the output layer's lam_t and C_f (K, n_out) of every example.
+    Noisy symmetric feedback is not fused (use the reference with the network's after-update).
+    """
+    from bpdl.functional.segregated import PhaseAverages
+
+    if validate:
+        _seg_check_rates(x_rate)
+    values, flags, need_train, need_test, kappa = _seg_static(params, x_rate.dtype,
+                                                              x_rate.device, original_quirks)
+    cs = [] if (c is None or all(v is None for v in c)) else list(c)
+    offs = [] if offsets is None else [o.to(torch.int64) for o in offsets]
+    flat = torch.ops.bpdl.segregated_train_online(
+        list(W), list(b), list(Y), cs, list(masks or []), x_rate, target, kappa, state.in_ring,
+        state.rings, state.C, state.lam, state.A, state.step, lane_key, lengths, windows, offs,
+        int(seed), values, flags, need_train, need_test, [int(k) for k in kinds],
+        [float(v) for v in lrs], [float(v) for v in scales], [float(v) for v in gains],
+        [float(v) for v in fb_lrs], float(fb_gain), float(fb_scale), bool(symmetric),
+        float(sparse_gain))
+    return PhaseAverages.from_flat(flat[:-2], params.n_layers), flat[-2], flat[-1]
+
+
 def segregated_test(W, b, Y, c, x_rate: Tensor, seed: int, lane_key: Tensor, params,
                     original_quirks: bool = False, *, validate: bool = True) -> Tensor:
     """The test procedure, fused (G17 section 5.5; reference
@@ -205,6 +245,19 @@ def _segregated_train_example_fake(W, b, Y, c, x_rate, target, kappa, in_ring, r
         out += [x_rate.new_empty((B, w.shape[0])) for w in W[:-1]]
     out += [x_rate.new_empty((B, y.shape[1])) for y in Y]
     return out
+
+
+@torch.library.register_fake("bpdl::segregated_train_online")
+def _segregated_train_online_fake(W, b, Y, c, masks, x_rate, target, kappa, in_ring, rings, C,
+                                  lam, A, step, lane_key, lengths, windows, offsets, seed, params,
+                                  flags, need_train, need_test, kinds, lrs, scales, gains, fb_lrs,
+                                  fb_gain, fb_scale, symmetric, sparse_gain):
+    one = x_rate.new_empty((1, x_rate.shape[1]))
+    out = _segregated_train_example_fake(W, b, Y, c, one, target[:1], kappa, in_ring, rings, C,
+                                         lam, A, step, lane_key, lengths[:1], windows[:1],
+                                         offsets, seed, params, flags, need_train, need_test)
+    K, n_out = x_rate.shape[0], W[-1].shape[0]
+    return out + [x_rate.new_empty((K, n_out)), x_rate.new_empty((K, n_out))]
 
 
 @torch.library.register_fake("bpdl::segregated_test")

@@ -52,6 +52,9 @@ PAPER_LAYER_LRS: dict[int, tuple[float, ...]] = {
 }
 #: Examples between the original's quick tests, after each of which it cleared the state (D3).
 QUICK_TEST_INTERVAL = 1000
+#: SGD options that online training supports (it applies plain SGD inside the kernels).
+_PLAIN_SGD = {"momentum": 0, "dampening": 0, "weight_decay": 0, "nesterov": False,
+              "maximize": False}
 
 
 #: Default minibatch (lanes simulated in parallel). Large enough to amortise the per-batch
@@ -114,6 +117,12 @@ class SegregatedConfig:
     draws (default: drawn from torch's generator, so it follows the run seed); ``test_seed``
     keys the test procedure's draws. ``feedback_lrs``: learning rates of the feedback weights
     per hidden layer, or one rate for all of them (needed by the model's ``learn_feedback``).
+
+    ``online``: train one example at a time, as G17 and T19 did, with the weights updated by
+    plain SGD after every example; the run's batch is then a *chunk* of consecutive examples
+    trained inside one fused call (``bpdl.ops.segregated_train_online``), the same run as
+    batch 1, bit for bit, without a call per example. Needs ``optimizer="sgd"`` without
+    momentum or weight decay; the rates are the paper's per-example ones.
     """
 
     reduction: str = "sum"
@@ -123,6 +132,7 @@ class SegregatedConfig:
     seed: int | None = None
     test_seed: int | None = None
     feedback_lrs: tuple[float, ...] | float | None = None
+    online: bool = False
 
     def __post_init__(self) -> None:
         for name, value, valid in (("reduction", self.reduction, REDUCTIONS),
@@ -248,15 +258,31 @@ class SegregatedDendrites(Learner):
         out: dict[str, Any] = {"optimizer": "sgd"}
         batch = config.batch_size if config.batch_size is not None else DEFAULT_BATCH_SIZE
         out["batch_size"] = batch
+        # online training updates after every example: the paper's per-example rates
+        online = bool((config.rule_options or {}).get("online", False))
         if config.lr is None and config.optimizer is None:
             model_options = config.model_options or {}
             hidden = model_options.get("hidden", (500,))
             try:
-                out["layer_lrs"] = list(batch_layer_lrs(len(hidden), int(batch),
+                out["layer_lrs"] = list(batch_layer_lrs(len(hidden), 1 if online else int(batch),
                                                         model_options.get("mode", "spiking")))
             except (ConfigError, TypeError, ValueError):
                 pass  # the run config's validation reports the bad value
         return out
+
+    def configure_optimizers(self, cfg: Any) -> dict[str, torch.optim.Optimizer]:
+        optimizers = super().configure_optimizers(cfg)
+        if self.config.online:
+            opt = optimizers["main"]
+            bad = {k: v for g in opt.param_groups for k, v in g.items()
+                   if k in _PLAIN_SGD and v != _PLAIN_SGD[k]}
+            if not isinstance(opt, torch.optim.SGD) or type(opt) is not torch.optim.SGD or bad:
+                raise ConfigError(
+                    f"the segregated rule's online=true applies plain SGD after every example "
+                    f"inside the kernels; it needs --optimizer sgd without momentum, dampening, "
+                    f"weight decay or nesterov, got {cfg.optimizer} {bad or ''}".rstrip())
+            self._online_optimizer = opt
+        return optimizers
 
     def extra_state_for_config(self) -> dict[str, Any]:
         return {"assumes_optimizer": "sgd (momentum 0, no weight decay), per-layer rates",
@@ -314,6 +340,8 @@ class SegregatedDendrites(Learner):
 
     # ---- the protocol --------------------------------------------------------------------------
     def training_step(self, x: Tensor, y: Tensor) -> dict[str, Any]:
+        if self.config.online:
+            return self._train_online(x, y)
         sim = self.sim
         x_rate = sim.rates(x)
         target = sim.targets(y)
@@ -336,6 +364,119 @@ class SegregatedDendrites(Learner):
             if first // QUICK_TEST_INTERVAL != (first + B) // QUICK_TEST_INTERVAL:
                 sim.lanes.zero_()
         return {"loss": loss.detach(), "correct": correct}
+
+    # ---- online training -------------------------------------------------------------------------
+    def _online_rates(self) -> tuple[list[float], list[float]]:
+        """The SGD learning rates of every layer's (W, b) and of the learned feedback, read from
+        the optimiser that :meth:`configure_optimizers` built (they may be scheduled)."""
+        opt = self.__dict__.get("_online_optimizer")
+        if opt is None:
+            raise ConfigError("online=true takes its learning rates from the SGD optimiser of "
+                              "configure_optimizers (the training loop builds it); call "
+                              "learner.setup_optimizers(run_config) before training_step")
+        rate = {id(p): g["lr"] for g in opt.param_groups for p in g["params"]}
+        net = self.net
+        lrs = [rate[id(layer.weight)] for layer in net.layers]
+        fb = [rate[id(y)] for y in net.feedback] if net.config.learn_feedback else []
+        return lrs, fb
+
+    def _online_settings(self) -> dict[str, Any]:
+        """The plasticity and feedback settings of :func:`bpdl.ops.segregated_train_online`."""
+        p, cfg = self.params, self.net.config
+        M = p.n_layers
+        lrs, fb_lrs = self._online_rates()
+        masks = []
+        if cfg.sparse_feedback and (cfg.symmetric_weights or cfg.learn_feedback):
+            masks = [getattr(self.net, f"Ymask{m}") for m in range(M - 1)]
+        hidden = seg.KIND_BACKPROP if cfg.use_backprop else seg.KIND_HIDDEN
+        return {"kinds": [seg.KIND_OUTPUT if m == M - 1 else hidden for m in range(M)],
+                "lrs": lrs, "fb_lrs": fb_lrs,
+                "scales": [-(p.P_output if m == M - 1 else p.P_hidden) for m in range(M)],
+                "gains": [p.k_D if m == M - 1 else p.k_B for m in range(M)],
+                "fb_gain": 1.0 if cfg.feedback_derivative == "sigma" else p.lambda_max,
+                "fb_scale": -1.0, "symmetric": cfg.symmetric_weights,
+                "sparse_gain": cfg.sparse_gain, "masks": masks}
+
+    def _train_online(self, x: Tensor, y: Tensor) -> dict[str, Any]:
+        """The examples of the minibatch one after another in one lane, the weights updated by
+        plain SGD after each (batch-1 training); the last example's update is written as
+        .grad for the optimiser. Fused in one call where the configuration allows
+        (:func:`bpdl.ops.segregated_train_online`), else example by example with the same ops."""
+        sim, net = self.sim, self.net
+        x_rate, target = sim.rates(x), sim.targets(y)
+        K, device = x_rate.shape[0], x_rate.device
+        first = int(self.examples_seen)
+        # the original's quick tests cleared the state every QUICK_TEST_INTERVAL examples: run
+        # the pieces between them separately (all but the last piece train every example)
+        cuts = [first, *range((first // QUICK_TEST_INTERVAL + 1) * QUICK_TEST_INTERVAL, first + K,
+                              QUICK_TEST_INTERVAL)] if net.config.compat == "original" else [first]
+        ends = cuts[1:] + [first + K]
+        lam_out, C_out = [], []
+        avg = None
+        for start, end in zip(cuts, ends, strict=True):
+            rows = slice(start - first, end - first)
+            avg, lam, C = self._online_piece(x_rate[rows], target[rows], start, device)
+            lam_out.append(lam)
+            C_out.append(C)
+            if end < first + K:  # an inner piece: its last example trains here too
+                self._online_last_update(avg)
+            if net.config.compat == "original" and end % QUICK_TEST_INTERVAL == 0:
+                sim.lanes.zero_()
+        grads, _ = self.plasticity(avg, 1)
+        self._write_grads(grads)
+        self.examples_seen += K
+        lam_t, C_f = torch.cat(lam_out), torch.cat(C_out)
+        loss = torch.sub(lam_t, torch.sigmoid(C_f), alpha=self.params.lambda_max).square_().mean()
+        scores = seg.class_scores(C_f, self.params.neurons_per_class)
+        return {"loss": loss.detach(), "correct": (scores.argmax(1) == y.to(device)).sum()}
+
+    def _online_piece(self, x_rate: Tensor, target: Tensor, first: int, device: torch.device):
+        sim, net = self.sim, self.net
+        K = x_rate.shape[0]
+        state = sim.ensure_lanes(1, device)
+        lengths, windows, offsets = sim.training_plan(first, K, False, device)
+        W, b, Y, c = sim.net_tensors()
+        settings = self._online_settings()
+        quirks = net.config.compat == "original"
+        keys = sim.lane_keys(1, device)
+        if sim.backend(device) == "kernels" and not net.config.noisy_symmetric:
+            from bpdl import ops
+
+            out = ops.segregated_train_online(
+                W, b, Y, c, settings.pop("masks"), state, x_rate, target, lengths, windows,
+                offsets, sim.seed, keys, self.params, original_quirks=quirks,
+                validate=sim._op_validates(True), **settings)
+            net.feedback_updates += K - 1
+            return out
+        # example by example through the same simulation and plasticity functions
+        kernels = sim.backend(device) == "kernels"
+        if kernels:
+            from bpdl import ops
+
+            simulate, plasticity_fn = ops.segregated_train_example, ops.segregated_plasticity
+        else:
+            simulate, plasticity_fn = seg.simulate_training_example, seg.plasticity
+        return seg.train_online(
+            W, b, Y, c, settings.pop("masks"), state, x_rate, target, lengths, windows, offsets,
+            sim.seed, keys, self.params, original_quirks=quirks, simulate=simulate,
+            plasticity_fn=plasticity_fn,
+            after_update=lambda: net.after_update_(noise_seed=sim.seed), **settings)
+
+    def _online_last_update(self, avg: seg.PhaseAverages) -> None:
+        """The SGD step of a piece's last example, taken here (not by the optimiser)."""
+        s = self._online_settings()
+        W, b, Y, c = self.sim.net_tensors()
+        seg.online_update(W, b, Y, c, avg, self.params.lambda_max, s["kinds"], s["lrs"],
+                          s["scales"], s["gains"], s["fb_lrs"], s["fb_gain"], s["fb_scale"],
+                          self._plasticity_fn())
+        self.net.after_update_(noise_seed=self.seed)
+
+    def _plasticity_fn(self):
+        if self.sim.backend() == "kernels":
+            from bpdl import ops
+
+            return ops.segregated_plasticity
+        return seg.plasticity
 
     def _write_grads(self, grads: list[dict[str, Tensor]]) -> None:
         net = self.net
