@@ -543,9 +543,9 @@ for _rule in ("fa", "dfa", "usf", "brsf", "frsf", "kp", "wm"):
 #: T19's "comp" space for segregated dendrites (docs/algorithms/published_results.md §7.9): the eleven
 #: binary flags of §5.11, phase and test lengths, lambda_max, tau_s, tau_L, g_B, E_E, E_I, one learning
 #: rate for every layer (0.01-0.5) and 1-6 hidden layers of 30-500 units. Differences from T19, each
-#: deliberate: one lane per update (batch 1, so the searched rate is the paper's per-example rate, as T19
-#: ran it); phases from 20 steps, not 2 (bpdl rejects phases shorter than its 20-step averaging window);
-#: no dt (bpdl's time step is the paper's) and no g_A (T19 notes its code ignored it; the
+#: deliberate: one example per update (online, so the searched rate is the paper's per-example rate, as
+#: T19 ran it); phases from 20 steps, not 2 (bpdl rejects phases shorter than its 20-step averaging
+#: window); no dt (bpdl's time step is the paper's) and no g_A (T19 notes its code ignored it; the
 #: ``apical_conductance`` flag sets it). Proposals the network rejects (noisy symmetric without symmetric
 #: weights, about a quarter of random draws) are recorded as rejected and told to the optimiser; they do
 #: not use up the budget.
@@ -573,11 +573,13 @@ SEGREGATED_T19 = register_space(SearchSpace(
      "model_options.E_I": Uniform(-12.0, -5.0),
      "lr": LogUniform(0.01, 0.5),
      "model_options.hidden": IntList(30, 500, length=(1, 6), log=True)},
-    version=1,
-    fixed={"optimizer": "sgd", "batch_size": 1},
+    # v2: one example per update as before (v1 ran batch 1), now online in chunks of 32
+    # examples per kernel call (rule option online: the same training, bit for bit, ~3x faster)
+    version=2,
+    fixed={"optimizer": "sgd", "batch_size": 32, "rule_options": {"online": True}},
     description="T19 comp: 11 flags, phases 20..50 and test 50..100 steps, lambda_max, tau_s, "
-                "tau_L, g_B, E_E, E_I, SGD lr 0.01..0.5 per example (batch 1), 1..6 layers of "
-                "30..500 units"),
+                "tau_L, g_B, E_E, E_I, SGD lr 0.01..0.5 per example (online: one example per "
+                "update, 32 per kernel call), 1..6 layers of 30..500 units"),
     rule="segregated", model="segregated")
 
 #: B18's random search for the target-propagation rules (docs/algorithms/target_propagation.md
