@@ -700,3 +700,30 @@ def test_compare_draws_the_grid_and_bars(mlp_study, tmp_path, capsys):
         assert (tmp_path / "cmp" / name).stat().st_size > 500
     studies = load_studies([db])
     assert studies[0]["stats"]["n"] == 4
+
+
+def test_t19_bayesian_optimiser_runs_a_study(tmp_path, real_data_root):
+    """T19's GP-UCB (Matern 2.5, kappa 2.5) is offered by name and drives a study."""
+    from bpdl.studies.runner import T19_BAYES, optimizer_names, resolve_optimizer
+
+    assert T19_BAYES in optimizer_names() and resolve_optimizer("t19-gp-ucb") == T19_BAYES
+    space = sp.SearchSpace("lr-only", {"lr": sp.LogUniform(1e-4, 1e-2)})
+    cfg = StudyConfig(rule="bp", budget=3, optimizer=T19_BAYES, **{**TINY, "test_seeds": 1})
+    result, lines = _run(cfg, tmp_path / "bo.db", real_data_root, space=space)
+    assert result.status == "complete" and result.counts["completed"] == 3
+    assert any(f"optimizer {T19_BAYES}" in line for line in lines)
+
+
+def test_study_run_takes_no_progress_and_a_closed_pipe_is_quiet(tmp_path, real_data_root):
+    import subprocess
+    import sys
+
+    from bpdl.cli import build_parser
+
+    args = build_parser().parse_args(["study", "run", "--no-progress"])
+    assert args.no_progress
+    # a reader that stops early (`bpdl study optimizers | head -1`) gets no traceback
+    proc = subprocess.run(f"{sys.executable} -m bpdl.cli study optimizers | head -1",
+                          shell=True, capture_output=True, text=True, timeout=120)
+    assert proc.stdout.strip() and "Traceback" not in proc.stderr
+    assert "BrokenPipe" not in proc.stderr, proc.stderr

@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -65,7 +66,8 @@ def add_study_parser(sub: argparse._SubParsersAction) -> None:
                         "one")
     s = r.add_argument_group("search")
     s.add_argument("--optimizer", default="NGOpt",
-                   help="Nevergrad optimizer (default NGOpt; `bpdl study optimizers` lists "
+                   help="Nevergrad optimizer (default NGOpt; T19-GP-UCB is T19's Gaussian-"
+                        "process UCB, Matern 2.5, kappa 2.5; `bpdl study optimizers` lists "
                         "them)")
     s.add_argument("--budget", type=int, default=50, help="evaluated trials (default 50)")
     s.add_argument("--epochs", type=int, default=10, help="epochs per fold (default 10)")
@@ -95,6 +97,9 @@ def add_study_parser(sub: argparse._SubParsersAction) -> None:
     e.add_argument("--data-dir", default=None,
                    help="dataset folder (default: $BPDL_DATA_DIR, else the user cache)")
     e.add_argument("--offline", action="store_true", help="never download datasets")
+    e.add_argument("--no-progress", action="store_true",
+                   help="plain log lines, no progress bar (the default when stderr is not a "
+                        "terminal)")
     r.set_defaults(func=cmd_study_run)
 
     rep = ssub.add_parser("report", help="tables and figures of the studies in a database",
@@ -155,7 +160,8 @@ def cmd_study_run(args: argparse.Namespace) -> int:
     result = run_study(cfg, db, space=space, executor=executor, workers=args.workers,
                        threads=args.threads, address=args.address,
                        gpus_per_trial=args.gpus_per_trial, device=args.device,
-                       data_dir=args.data_dir, download=download)
+                       data_dir=args.data_dir, download=download,
+                       progress=not args.no_progress and sys.stderr.isatty())
     return 0 if result.status == "complete" else 1
 
 

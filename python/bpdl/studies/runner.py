@@ -110,9 +110,29 @@ class StudyConfig:
         return from_dict(cls, d, what="study config")
 
 
+#: T19's Bayesian optimiser: a Gaussian process with a Matern 2.5 kernel (bayes_opt's default,
+#: which Nevergrad's BO uses) and the upper-confidence-bound acquisition at kappa = 2.5
+#: (docs/algorithms/published_results.md §7.9), registered in Nevergrad under this name.
+T19_BAYES = "T19-GP-UCB"
+
+
+def _register_t19_bayes() -> None:
+    import nevergrad as ng
+
+    if T19_BAYES in ng.optimizers.registry:
+        return
+    try:
+        import bayes_opt  # noqa: F401  (Nevergrad's BO needs it)
+    except ImportError:
+        return  # not offered: `bpdl study optimizers` does not list it
+    ng.families.ParametrizedBO(utility_kind="ucb", utility_kappa=2.5).set_name(
+        T19_BAYES, register=True)
+
+
 def optimizer_names() -> list[str]:
     import nevergrad as ng
 
+    _register_t19_bayes()
     return sorted(ng.optimizers.registry)
 
 
@@ -258,12 +278,13 @@ class _Session:
     def __init__(self, cfg: StudyConfig, space: sp.SearchSpace, store: StudyStore,
                  executor: Executor, data: DataSpec, shape: tuple[int, int, int], classes: int,
                  run_options: dict[str, Any], log: Callable[[str], None],
-                 max_rejections: int):
+                 max_rejections: int, on_trial: Callable[[int, int], None] | None = None):
         self.cfg, self.space, self.store, self.executor = cfg, space, store, executor
         self.name = cfg.study_name
         self.data, self.shape, self.classes = data, shape, classes
         self.run_options = run_options
         self.log = log
+        self.on_trial = on_trial
         self.max_rejections = max_rejections
         self.optimizer_name = resolve_optimizer(cfg.optimizer)
         self.t_start = time.perf_counter()
@@ -529,6 +550,8 @@ class _Session:
         self.log(f"[{self.name}] trial {number} ({done}/{self.cfg.budget}) {what} | {best_text} "
                  f"| {outcome.get('duration') or 0:.1f}s | elapsed {elapsed} | remaining "
                  f"~{self._eta(self.cfg.budget - done, tests_left)}")
+        if self.on_trial is not None:
+            self.on_trial(done, self.cfg.budget)
 
     def _test_plan(self) -> list[tuple[int, dict[str, Any], int, int]]:
         """(rank, trial, seed index, seed) of every test run the study calls for: the
@@ -684,6 +707,7 @@ def run_study(
     download: bool = True,
     log: Callable[[str], None] | None = None,
     max_rejections: int = 1000,
+    progress: bool = False,
 ) -> StudyResult:
     """Run (or resume) a study in database ``db``; see the module docstring.
 
@@ -700,18 +724,41 @@ def run_study(
             when ``gpus_per_trial`` is set, else ``cpu``).
         data_dir, download: where the datasets are, and whether they may be downloaded.
         log: where progress lines go (default: stdout).
+        progress: a progress bar of the evaluated trials on stderr (the lines are printed
+            above it).
         max_rejections: invalid proposals in a row before the space is declared contradictory.
     """
     from bpdl import data as bdata
-    from bpdl.train import resolve_device
 
     cfg = config if isinstance(config, StudyConfig) else StudyConfig.from_dict(config)
     # one spelling per dataset ("Fashion-MNIST" is fashion_mnist), so one study name and
     # definition; unknown names raise ConfigError listing the valid ones
     cfg = dataclasses.replace(cfg, dataset=bdata._canonical_name(cfg.dataset))
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=cfg.budget, unit="trial", desc=cfg.study_name, dynamic_ncols=True)
     if log is None:
         def log(line: str) -> None:
-            print(line, flush=True)
+            if bar is not None:
+                bar.write(line)
+            else:
+                print(line, flush=True)
+    on_trial = None if bar is None else (lambda done, total: bar.update(done - bar.n))
+    try:
+        return _run_study(cfg, db, space, executor, workers, threads, address, gpus_per_trial,
+                          device, data_dir, download, log, max_rejections, on_trial)
+    finally:
+        if bar is not None:
+            bar.close()
+
+
+def _run_study(cfg, db, space, executor, workers, threads, address, gpus_per_trial, device,
+               data_dir, download, log, max_rejections, on_trial) -> StudyResult:
+    from bpdl import data as bdata
+    from bpdl.train import resolve_device
+
     space = resolve_space(cfg, space)
     validate_study(cfg, space)
     if device is None:
@@ -741,7 +788,7 @@ def run_study(
     try:
         ex.start()
         session = _Session(cfg, space, store, ex, spec, shape, classes, {"device": device}, log,
-                           max_rejections)
+                           max_rejections, on_trial)
         if created:
             log(f"study {cfg.study_name} in {store.path}: rule {cfg.rule}, model {cfg.model}, "
                 f"dataset {cfg.dataset}"
