@@ -727,3 +727,48 @@ def test_study_run_takes_no_progress_and_a_closed_pipe_is_quiet(tmp_path, real_d
                           shell=True, capture_output=True, text=True, timeout=120)
     assert proc.stdout.strip() and "Traceback" not in proc.stderr
     assert "BrokenPipe" not in proc.stderr, proc.stderr
+
+
+def test_the_whole_study_path_on_cifar10_files_in_cifar_format(tmp_path, monkeypatch):
+    """CIFAR-10 cannot be downloaded here: a small set written in CIFAR's own format (Python-2
+    pickles of HWC-ordered rows) goes through `bpdl study run` for an MLP, a CNN and segregated
+    dendrites (online, rate mode), then `bpdl study report` and `bpdl study compare`. The
+    files are not the real ones, so their checksums are not checked here."""
+    import numpy as np
+    from bpdl.cli import main
+    from test_data import write_cifar
+
+    root = tmp_path / "data"
+    # class k: a bright square at one of ten positions in one colour channel, noise elsewhere
+    rng = np.random.default_rng(0)
+
+    def pixel(i):
+        img = rng.integers(0, 60, (3, 32, 32))
+        k = i % 10
+        img[k % 3, 3 * k:3 * k + 6, 3 * k:3 * k + 6] = 250
+        return img
+
+    write_cifar(root, pixel, lambda i: i % 10, per_batch=60, n_test=50)
+    monkeypatch.setenv("BPDL_VERIFY_DATA", "0")
+    db = tmp_path / "cifar.db"
+    common = ["--dataset", "cifar10", "--data-dir", str(root), "--offline", "--db", str(db),
+              "--budget", "2", "--epochs", "1", "--folds", "2", "--top-k", "1",
+              "--test-seeds", "1", "--no-progress", "--threads", "1"]
+    assert main(["study", "run", "--rule", "bp", "--model", "mlp", *common]) == 0
+    assert main(["study", "run", "--rule", "bp", "--model", "cnn", "--optimizer",
+                 "RandomSearch", *common]) == 0
+    assert main(["study", "run", "--rule", "segregated", "--model", "segregated", "--space",
+                 "generic", "--set", "model_options.mode=rate", "--set",
+                 "model_options.hidden=[20]", "--set", "rule_options.online=true",
+                 "--set", "optimizer=sgd", *common]) == 0
+    with StudyStore(db, create=False) as store:
+        names = ["bp-cnn-cifar10", "bp-mlp-cifar10", "segregated-segregated-cifar10"]
+        for name in names:
+            assert store.study(name)["status"] == "complete", name
+            trials = store.trials(name)
+            assert len(trials) == 2 and all(t["status"] == "completed" for t in trials), name
+            assert len(store.test_runs(name)) == 1
+    assert main(["study", "report", str(db), "--out", str(tmp_path / "report")]) == 0
+    assert main(["study", "compare", str(db), "--out", str(tmp_path / "compare")]) == 0
+    figures = sorted(p.name for p in (tmp_path / "compare").iterdir() if p.suffix == ".png")
+    assert len(figures) >= 2, figures  # the grid and the bar chart
