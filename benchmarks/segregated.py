@@ -14,6 +14,11 @@ Writes benchmarks/results/segregated.csv and prints a markdown table. CUDA is ti
 GPU is present (``--device all``, the default); ``--device cpu`` or ``--device cuda`` times bpdl
 on that device only (the NumPy port always runs on the CPU).
 
+A second table times one example per update, as G17 and T19 trained: batch-1 training steps, and
+online training (rule option ``online``: the same updates, bit for bit, checked first) with the
+batch's examples trained one after another inside one fused call, next to the time per lane
+inside a batch (the issue's target: online within 1.3x of a lane, run with ``--threads 1``).
+
     python benchmarks/segregated.py [--threads 2] [--batch-size 32] [--quick] [--device all]
 """
 
@@ -38,11 +43,40 @@ MODES = ("spiking", "rate")
 ORIGINAL_MS = {"train": (19.0, 34.0), "test": (40.0, 76.0)}
 
 
-def build(hidden, mode, backend, dtype="float32", seed=0):
+def build(hidden, mode, backend, dtype="float32", seed=0, online=False):
     torch.manual_seed(seed)
     net = SegregatedDendriteNet(784, 10, SegregatedNetConfig(hidden=hidden, mode=mode))
-    learner = SegregatedDendrites(net, SegregatedConfig(backend=backend, dtype=dtype, seed=7))
+    learner = SegregatedDendrites(net, SegregatedConfig(backend=backend, dtype=dtype, seed=7,
+                                                        online=online))
     return learner
+
+
+def _sgd(learner, lrs):
+    from bpdl.train import RunConfig
+
+    # the loop's optimiser (online training reads its rates from it)
+    return learner.setup_optimizers(RunConfig(rule="segregated", optimizer="sgd", lr=0.1,
+                                              layer_lrs=tuple(lrs)))["main"]
+
+
+def check_online_matches_batch_one(train_set, device) -> None:
+    """Online chunks and batch-1 steps train the same weights, bit for bit."""
+    x = bdata.to_float(train_set.images[:12]).to(device)
+    y = train_set.labels[:12].to(device)
+    for hidden in NETWORKS.values():
+        for mode in MODES:
+            learners = []
+            for online, chunk in ((False, 1), (True, 6)):
+                learner = build(hidden, mode, "kernels", online=online).to(device)
+                opt = _sgd(learner, batch_layer_lrs(len(hidden), 1, mode))
+                for start in range(0, 12, chunk):
+                    opt.zero_grad(set_to_none=True)
+                    learner.training_step(x[start:start + chunk], y[start:start + chunk])
+                    opt.step()
+                    learner.after_step()
+                learners.append(learner)
+            for a, b in zip(learners[0].net.weights, learners[1].net.weights, strict=True):
+                assert torch.equal(a, b), "online training differs from batch-1 steps"
 
 
 def check_kernels_match_reference(train_set, device) -> None:
@@ -64,10 +98,13 @@ def check_kernels_match_reference(train_set, device) -> None:
                 torch.testing.assert_close(a.cpu(), b.cpu(), rtol=1e-10, atol=1e-10)
 
 
-def time_bpdl(learner, train_set, test_set, batch, n_train, n_test, repeats, device):
-    lrs = batch_layer_lrs(learner.net.n_hidden, batch)
-    opt = torch.optim.SGD([{"params": g["params"], "lr": lr}
-                           for g, lr in zip(learner.parameter_groups(), lrs, strict=True)], lr=0.1)
+def time_bpdl(learner, train_set, test_set, batch, n_train, n_test, repeats, device,
+              rate_batch=None):
+    """Median ms per training and per test example; ``rate_batch``: the batch the learning
+    rates are rescaled for (default ``batch``; 1 for batch-1 and online training)."""
+    mode = learner.net.config.mode
+    lrs = batch_layer_lrs(learner.net.n_hidden, rate_batch or batch, mode)
+    opt = _sgd(learner, lrs)
     images = bdata.to_float(train_set.images[:max(n_train, batch)]).to(device)
     labels = train_set.labels[:max(n_train, batch)].to(device)
 
@@ -139,6 +176,8 @@ def main() -> None:
     ap.add_argument("--test-examples", type=int, default=1024)
     ap.add_argument("--reference-examples", type=int, default=64)
     ap.add_argument("--original-examples", type=int, default=20)
+    ap.add_argument("--batch1-examples", type=int, default=256,
+                    help="examples timed at batch 1 (one training step each)")
     ap.add_argument("--quick", action="store_true", help="fewer examples (a smoke run)")
     ap.add_argument("--device", choices=("all", "cpu", "cuda"), default="all",
                     help="where bpdl is timed: all (default: the CPU, and CUDA when a GPU is "
@@ -151,14 +190,16 @@ def main() -> None:
     if args.quick:
         args.train_examples = args.test_examples = 128
         args.reference_examples, args.original_examples, args.repeats = 32, 4, 1
+        args.batch1_examples = 32
     train_set = bdata.load_dataset("mnist", "train", args.data_dir, download=False)
     test_set = bdata.load_dataset("mnist", "test", args.data_dir, download=False)
     devices = ([torch.device("cpu")] if args.device in ("all", "cpu") else []) + (
         [torch.device("cuda")] if args.device != "cpu" and torch.cuda.is_available() else [])
     for device in devices:
         check_kernels_match_reference(train_set, device)
-    print(f"kernels match the reference ({', '.join(d.type for d in devices)}); "
-          f"{machine()}; {today()}", flush=True)
+        check_online_matches_batch_one(train_set, device)
+    print(f"kernels match the reference, online chunks match batch-1 steps "
+          f"({', '.join(d.type for d in devices)}); {machine()}; {today()}", flush=True)
     rows = []
     B = args.batch_size
     for name, hidden in NETWORKS.items():
@@ -173,11 +214,21 @@ def main() -> None:
                 r_train, r_test = time_bpdl(build(hidden, mode, "reference").to(device), train_set,
                                             test_set, B, max(B, args.reference_examples),
                                             args.reference_examples, args.repeats, device)
+                # batch 1 (one example per training step) and online chunks of B examples per
+                # call (the same training, bit for bit)
+                one_train, _ = time_bpdl(build(hidden, mode, "kernels").to(device), train_set,
+                                         test_set, 1, args.batch1_examples, 1, args.repeats,
+                                         device, rate_batch=1)
+                onl_train, _ = time_bpdl(build(hidden, mode, "kernels", online=True).to(device),
+                                         train_set, test_set, B, args.train_examples, 1,
+                                         args.repeats, device, rate_batch=1)
                 row = {"network": name, "mode": mode, "device": device.type, "batch": B,
                        "threads": torch.get_num_threads(),
                        "kernels_train_ms": k_train, "kernels_test_ms": k_test,
                        "reference_train_ms": r_train, "reference_test_ms": r_test,
                        "original_train_ms": o_train, "original_test_ms": o_test,
+                       "batch1_train_ms": one_train, "online_train_ms": onl_train,
+                       "online_vs_lane": onl_train / k_train,
                        "speedup_vs_reference_train": r_train / k_train,
                        "speedup_vs_reference_test": r_test / k_test,
                        "speedup_vs_numpy_port_train": o_train / k_train,
@@ -199,6 +250,14 @@ def main() -> None:
               f"{r['reference_test_ms']:.2f} | {r['original_train_ms']:.2f} | "
               f"{r['original_test_ms']:.2f} | {r['speedup_vs_reference_train']:.0f}x / "
               f"{r['speedup_vs_reference_test']:.0f}x |")
+    print("\nOne example per update (ms per training example): batch-1 steps, online chunks of "
+          f"{B} examples per call, and the time per lane inside a batch of {B}\n")
+    print("| network | mode | device | batch 1 | online | per lane (batch) | online / lane |")
+    print("|---|---|---|---|---|---|---|")
+    for r in rows:
+        print(f"| {r['network']} | {r['mode']} | {r['device']} | {r['batch1_train_ms']:.3f} | "
+              f"{r['online_train_ms']:.3f} | {r['kernels_train_ms']:.3f} | "
+              f"{r['online_vs_lane']:.2f} |")
 
 
 if __name__ == "__main__":
