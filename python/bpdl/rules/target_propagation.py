@@ -288,7 +288,7 @@ class TargetPropagationLearner(Learner):
         input (a leaf requiring grad when ``grad_at_top``: DTP's one backprop step)."""
         h: list[Tensor] = [x]
         outs: list[Tensor] = []
-        with torch.set_grad_enabled(with_graph):
+        with torch.set_grad_enabled(with_graph):  # also under an outer no_grad
             for stage in self.stages[:-1]:
                 out = stage(h[-1].detach())
                 outs.append(out)
@@ -349,7 +349,10 @@ class TargetPropagationLearner(Learner):
 
     # ---- the rule's gradients -------------------------------------------------------------
     def forward_weights(self) -> list[nn.Parameter]:
-        return [p for g in self.parameter_groups() for p in g["params"]]
+        """The forward parameters in group order (cached: device moves keep the objects)."""
+        if getattr(self, "_forward_weights", None) is None:
+            self._forward_weights = [p for g in self.parameter_groups() for p in g["params"]]
+        return self._forward_weights
 
     def rule_gradients(self, x: Tensor, y: Tensor, forward: bool = True, inverse: bool = True,
                        step: int | str = 0) -> dict[str, Any]:
@@ -373,10 +376,11 @@ class TargetPropagationLearner(Learner):
                     grad_top = grad_top * x.shape[0]
             targets = self.hidden_targets(h, logits.detach(), y, grad_top)
             result["targets"] = targets
-            local = [tpf.local_loss(out, t) for out, t in zip(outs, targets, strict=True)]
-            params = self.forward_weights()
-            total = task + torch.stack(local).sum()
-            grads = torch.autograd.grad(total, params, allow_unused=True)
+            with torch.enable_grad():  # also when called under no_grad (probes)
+                local = [tpf.local_loss(out, t) for out, t in zip(outs, targets, strict=True)]
+                params = self.forward_weights()
+                total = task + torch.stack(local).sum()
+                grads = torch.autograd.grad(total, params, allow_unused=True)
             result["grads"].update({p: g for p, g in zip(params, grads, strict=True)
                                     if g is not None})
             result["local_loss"] = torch.stack([v.detach() for v in local]).mean()
@@ -574,13 +578,18 @@ class SimplifiedDTP(TargetPropagationLearner):
         return probabilities
 
     def top_target(self, h, logits, y, grad_top):
-        L = self.num_layers
         onehot = F.one_hot(y, logits.shape[1]).to(logits.dtype)
-        g = self.inverses[f"g{L}"]
-        n = logits.shape[0]
-        both = g(torch.cat([self.output_code(logits.softmax(1), h[-1]),
-                            self.output_code(onehot, h[-1])]))
-        return tpf.difference_correction(h[-1], both[:n], both[n:])
+        g_out, g_label = self._output_inverse_pair(logits.softmax(1), onehot, h[-1])
+        return tpf.difference_correction(h[-1], g_out, g_label)
+
+    def _output_inverse_pair(self, probabilities: Tensor, onehot: Tensor, h_top: Tensor
+                             ) -> tuple[Tensor, Tensor]:
+        """g_L at the output and at the label (subclasses may share work between the two)."""
+        g = self.inverses[f"g{self.num_layers}"]
+        n = probabilities.shape[0]
+        both = g(torch.cat([self.output_code(probabilities, h_top),
+                            self.output_code(onehot, h_top)]))
+        return both[:n], both[n:]
 
     def inverse_terms(self, h, logits, step):
         out = super().inverse_terms(h, logits, step)
@@ -616,6 +625,17 @@ class AuxiliaryOutputSDTP(SimplifiedDTP):
 
     def output_code(self, probabilities: Tensor, h_top: Tensor) -> Tensor:
         return torch.cat([probabilities, self.auxiliary(h_top)], 1)
+
+    def _output_inverse_pair(self, probabilities, onehot, h_top):
+        # g_L(o, z) = act(V_o o + V_z z + c): the z part is the same for the output and the
+        # label, so it is computed once
+        g = self.inverses[f"g{self.num_layers}"]
+        k = probabilities.shape[1]
+        shared = F.linear(self.auxiliary(h_top), g.weight[:, k:], g.bias)
+        v_o = g.weight[:, :k]
+        shape = (probabilities.shape[0], *g.out_shape)
+        return (g.act((shared + probabilities @ v_o.T).reshape(shape)),
+                g.act((shared + onehot @ v_o.T).reshape(shape)))
 
 
 @RULES.register("ddtp")
