@@ -107,3 +107,36 @@ register(Experiment(
     notes=("Published: B18's best test error within 500 epochs (test-selected). The LC runs "
            "cost minutes per epoch on a CPU; `--epochs` shortens them."),
 ))
+
+# ---- Meulemans et al. 2020 (M20), DDTP-linear on MNIST ----------------------------------------------
+
+register(Experiment(
+    name="meulemans2020_ddtp_mnist",
+    title="Meulemans et al. 2020: MNIST 5x256 tanh, DDTP-linear (difference reconstruction loss) "
+          "beside DTP and BP (docs/algorithms/target_propagation.md §4.5)",
+    source="Meulemans, Carzaniga, Suykens, Sacramento & Grewe (2020), NeurIPS 33 "
+           "(arXiv:2006.14331), Table 1",
+    protocol=(
+        "5 x 256 tanh, softmax cross-entropy, Adam for forward and feedback weights, batch 128, "
+        "100 epochs, 5,000 training images for validation, the test error at the epoch of the "
+        "best validation error (M20: mean of 10 seeds; bpdl: one). ddtp uses the values of "
+        "M20's public DDTP-linear MNIST configuration translated to bpdl's options: M20 divide "
+        "the forward rate by the output target's step (2.04e-5 / 0.061 = 3.3e-4), feedback "
+        "Adam lr 1.64e-4 with betas (0.999, 0.999) and eps 2.8e-4, sigma 0.091, alpha 0.061; "
+        "M20's 6 feedback pre-training epochs and its feedback weight decay are not "
+        "implemented (docs/algorithms/target_propagation.md §4.5). dtp uses bpdl's B18-search "
+        "configuration. M20's published test errors have not been checked against the paper "
+        "for bpdl's docs, so none are shown."),
+    common={"dataset": "mnist", "model": "mlp", "model_options": _B18_FC, "optimizer": "adam",
+            "batch_size": 128, "epochs": 100, "val_size": 5000, "test": "every", "seed": 0},
+    runs=(
+        ExperimentRun("ddtp", {"rule": "ddtp", "lr": 3.3e-4, "optimizer_options": {
+            "betas": [0.9, 0.999], "eps": 1.26e-8}, "rule_options": {
+            "alpha": 0.061, "sigma": 0.091, "inverse_lr": 1.64e-4,
+            "inverse_optimizer_options": {"betas": [0.999, 0.999], "eps": 2.8e-4}}}),
+        ExperimentRun("dtp", {"rule": "dtp", "lr": _DTP["lr"],
+                              "optimizer_options": _DTP["optimizer_options"],
+                              "rule_options": _DTP["rule_options"]}),
+        ExperimentRun("bp", {"rule": "bp", "lr": 1e-3}),
+    ),
+))
