@@ -214,8 +214,8 @@ class TargetPropagationLearner(Learner):
                                   else cfg.inverse_loss)
         self.inverses = nn.ModuleDict()
         self._build_inverses()
-        device = next(model.parameters()).device
-        self.inverses.to(device)
+        first = next(model.parameters())
+        self.inverses.to(device=first.device, dtype=first.dtype)
         self.register_buffer("tp_steps", torch.zeros((), dtype=torch.int64))
         self.passes_per_epoch = 2 if cfg.schedule == "alternating" else 1
         self.phase = None
@@ -265,10 +265,6 @@ class TargetPropagationLearner(Learner):
             out["inverse"] = build_optimizer(c.inverse_optimizer, groups, c.inverse_lr, None,
                                              c.inverse_optimizer_options)
         return out
-
-    @classmethod
-    def run_defaults(cls, config: Any) -> dict[str, Any]:
-        return {}
 
     # ---- schedule -------------------------------------------------------------------------
     def on_epoch_start(self, epoch: int) -> None:
@@ -617,7 +613,8 @@ class AuxiliaryOutputSDTP(SimplifiedDTP):
     def _build_inverses(self) -> None:
         self.auxiliary = AuxiliaryOutput(math.prod(self.stages[-1].in_shape),
                                          self.config.aux_size, self._generator("auxiliary"))
-        self.auxiliary.to(next(self.model.parameters()).device)
+        first = next(self.model.parameters())
+        self.auxiliary.to(device=first.device, dtype=first.dtype)
         super()._build_inverses()
 
     def _output_width(self) -> int:
