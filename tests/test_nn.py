@@ -58,7 +58,7 @@ def test_cnn_bad_options(options, match):
 
 
 def test_unknown_model_activation_init():
-    with pytest.raises(ConfigError, match="valid models are: cnn, lc, mlp"):
+    with pytest.raises(ConfigError, match="valid models are: cnn, lc, microcircuit, mlp, segregated"):
         bnn.build_model("resnet", (1, 28, 28), 10)
     with pytest.raises(ConfigError, match="valid activations"):
         bnn.build_model("mlp", (1, 28, 28), 10, {"activation": "swishy"})

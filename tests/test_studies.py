@@ -89,7 +89,7 @@ def test_every_registered_rule_has_a_space_whose_proposals_build():
     import nevergrad as ng
     from bpdl.studies.runner import check_proposal
 
-    natural = {"segregated": "segregated"}
+    natural = {"segregated": "segregated", "microcircuit": "microcircuit"}
     for rule in rules.names():
         model = natural.get(rule, "mlp")
         space = sp.default_space(rule, model)

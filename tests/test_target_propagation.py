@@ -253,7 +253,8 @@ def test_the_learners_inverse_losses_by_hand(rule, monkeypatch):
     assert set(map(id, r["grads"])) == {id(p) for p in learner.inverses.parameters()}
 
 
-@pytest.mark.parametrize("rule,model", [("dtp", "mlp"), ("sdtp", "mlp"), ("sdtp", "lc"),
+@pytest.mark.parametrize("rule,model", [("dtp", "mlp"), ("sdtp", "mlp"),
+                                        pytest.param("sdtp", "lc", marks=pytest.mark.slow),
                                         ("aosdtp", "mlp"), ("ddtp", "mlp")])
 def test_inverse_training_lowers_the_reconstruction_error(rule, model):
     net = _mlp() if model == "mlp" else _lc()

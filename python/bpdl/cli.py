@@ -189,6 +189,15 @@ DEFAULT_COMPARISON: list[tuple[str, dict[str, Any]]] = [
     # paper's rates rescaled for its 32 lanes)
     ("segregated", {"model": "segregated", "rule": "segregated",
                     "model_options": {"hidden": [500]}}),
+    # S18's dendritic microcircuit, 784-500-500-10, in the steady-state variant (its defaults)
+    ("microcircuit", {"model": "microcircuit", "rule": "microcircuit"}),
+]
+#: Entries ``bpdl compare --entries`` offers beyond the default set (too slow for the default
+#: run): the microcircuit's full continuous dynamics, 784-500-10, 1,000 steps per example.
+EXTRA_COMPARISON: list[tuple[str, dict[str, Any]]] = [
+    ("microcircuit-full", {"model": "microcircuit", "rule": "microcircuit",
+                           "model_options": {"hidden": [500]},
+                           "rule_options": {"dynamics": "full"}}),
 ]
 
 
@@ -199,7 +208,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
 
     entries = DEFAULT_COMPARISON
     if args.entries:
-        known = dict(DEFAULT_COMPARISON)
+        known = dict(DEFAULT_COMPARISON + EXTRA_COMPARISON)
         bad = [e for e in args.entries if e not in known]
         if bad:
             raise ConfigError(f"unknown comparison entries {bad}; available: "
@@ -437,7 +446,8 @@ def build_parser() -> argparse.ArgumentParser:
                                    "table.")
     _add_run_arguments(p, with_model=False)
     p.add_argument("--entries", nargs="+", default=None,
-                   help=f"subset of: {', '.join(k for k, _ in DEFAULT_COMPARISON)}")
+                   help=f"subset of: {', '.join(k for k, _ in DEFAULT_COMPARISON)}; also "
+                        f"{', '.join(k for k, _ in EXTRA_COMPARISON)}")
     p.add_argument("--out", type=Path, default=Path("runs/compare"), help="output folder")
     p.set_defaults(func=cmd_compare)
 
@@ -446,7 +456,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("plot", help="figures from run directories",
                        description="Plot run directories. KIND is curves (default: learning "
                                    "curves of all runs in one figure), weights, alignment, "
-                                   "comparison or dynamics (segregated runs).")
+                                   "comparison or dynamics (segregated and microcircuit runs).")
     p.add_argument("runs", nargs="+", metavar="[KIND] RUN_DIR",
                    help="optional kind, then one or more run directories")
     p.add_argument("--kind", choices=PLOT_KINDS, default=None)

@@ -268,4 +268,9 @@ def _figures(out: Path, rows: list[dict[str, Any]]) -> list[Path]:
 
 
 # experiment families register themselves on import
-from bpdl.experiments import feedback_alignment, segregated, target_propagation  # noqa: E402,F401
+from bpdl.experiments import (  # noqa: E402,F401
+    feedback_alignment,
+    microcircuits,
+    segregated,
+    target_propagation,
+)

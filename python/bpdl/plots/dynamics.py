@@ -22,7 +22,7 @@ from matplotlib.figure import Figure
 from bpdl.errors import ConfigError
 from bpdl.runs import read_metrics
 
-__all__ = ["record_run_dynamics", "plot_dynamics"]
+__all__ = ["plot_dynamics", "plot_microcircuit_dynamics", "record_run_dynamics"]
 
 
 def record_run_dynamics(run_dir: str | os.PathLike, example: int = 0, neurons: int = 4,
@@ -35,7 +35,7 @@ def record_run_dynamics(run_dir: str | os.PathLike, example: int = 0, neurons: i
     learner, cfg, ckpt = load_learner(run_dir)
     if not callable(getattr(learner, "record_dynamics", None)):
         raise ConfigError(f"`bpdl plot dynamics` needs a run of a rule that simulates neurons "
-                          f"(segregated); {run_dir} trained rule {cfg.rule!r}")
+                          f"(segregated, microcircuit); {run_dir} trained rule {cfg.rule!r}")
     train = bdata.load_dataset(cfg.dataset, "train", data_dir, download)
     if not 0 <= example < len(train):
         raise ConfigError(f"example must be in [0, {len(train) - 1}], got {example}")
@@ -55,6 +55,8 @@ def plot_dynamics(trace: dict[str, Any], history: list[dict[str, Any]] | None = 
     row with the per-layer angles between the rule's and backprop's updates over training."""
     from bpdl.plots.curves import save_figure
 
+    if trace.get("kind") == "microcircuit":
+        return plot_microcircuit_dynamics(trace, history, out, title)
     layers = sorted(trace["layers"], key=int)
     phases = trace["phase"]
     n_f = sum(1 for p in phases if p == "forward")
@@ -128,6 +130,86 @@ def plot_dynamics(trace: dict[str, Any], history: list[dict[str, Any]] | None = 
         ax2.axis("off")
     fig.suptitle(title or f"segregated dendrites: example {trace.get('example', 0)} "
                           f"(label {trace['label']}) after {trace.get('examples_trained', '?')} "
+                          f"training examples")
+    if out is not None:
+        save_figure(fig, out)
+    return fig
+
+
+def plot_microcircuit_dynamics(trace: dict[str, Any], history: list[dict[str, Any]] | None = None,
+                               out: str | os.PathLike | None = None,
+                               title: str | None = None) -> Figure:
+    """A microcircuit's presentation (:meth:`bpdl.rules.microcircuit.Microcircuit.
+    record_dynamics`): per layer the somatic (solid), basal prediction a_k v_B (dashed) and
+    apical (dotted, hidden layers) potentials of the recorded neurons over the free and the
+    nudged phase; per hidden layer the interneurons (solid) beside the pyramidal neurons of the
+    layer above they track (dashed); a last row with the per-layer angles to backprop over
+    training, when the run logged them."""
+    from bpdl.plots.curves import save_figure
+
+    layers = sorted(trace["layers"], key=int)
+    n_free = sum(1 for p in trace["phase"] if p == "free")
+    dt = trace.get("dt", 1.0)
+    times = [dt * t for t in range(len(trace["phase"]))]
+    hidden = [k for k in layers if trace["layers"][k]["u_I"]]
+    angle_row = 1 if history and any("angle_update_bp" in v for rec in history
+                                     for v in rec.get("layers", {}).values()) else 0
+    rows = len(layers) + len(hidden) + angle_row
+    fig = Figure(figsize=(11, 2.6 * rows), layout="constrained")
+    axes = fig.subplots(rows, 1, squeeze=False)[:, 0]
+    row = 0
+    for k in layers:
+        ax, data = axes[row], trace["layers"][k]
+        for i, n in enumerate(trace["neurons"][k]):
+            c = f"C{i % 10}"
+            ax.plot(times, [v[i] for v in data["u"]], "-", color=c, lw=1.1, label=f"neuron {n} u")
+            ax.plot(times, [v[i] for v in data["v_B"]], "--", color=c, lw=0.8)
+            if data["v_A"]:
+                ax.plot(times, [v[i] for v in data["v_A"]], ":", color=c, lw=0.8)
+        ax.axvline(dt * n_free, color="k", ls="--", lw=0.8)
+        last = k == layers[-1]
+        ax.set_title(("output" if last else f"hidden layer {k}") + ": soma (solid), basal "
+                     "prediction (dashed)" + ("" if last else ", apical (dotted)")
+                     + (f"; label {trace['label']}, the teacher from the dashed line"
+                        if last else ""), fontsize=8)
+        ax.set_ylabel("potential")
+        ax.grid(alpha=0.3)
+        if row == 0:
+            ax.legend(fontsize=7, loc="upper right", ncol=2)
+        row += 1
+    for k in hidden:
+        ax, data = axes[row], trace["layers"][k]
+        above = trace["neurons"][str(int(k) + 1)]
+        for i, n in enumerate(above):
+            c = f"C{i % 10}"
+            ax.plot(times, [v[i] for v in data["u_I"]], "-", color=c, lw=1.1,
+                    label=f"interneuron {n}")
+            ax.plot(times, [v[i] for v in data["u_above"]], "--", color=c, lw=0.8)
+        ax.axvline(dt * n_free, color="k", ls="--", lw=0.8)
+        ax.set_title(f"layer {k} interneurons (solid) tracking layer {int(k) + 1}'s pyramidal "
+                     "neurons (dashed)", fontsize=8)
+        ax.set_ylabel("potential")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7, loc="upper right", ncol=2)
+        row += 1
+    axes[row - 1].set_xlabel("time (ms): free, then nudged")
+    if angle_row:
+        ax = axes[row]
+        names = sorted({n for rec in history for n, v in rec.get("layers", {}).items()
+                        if "angle_update_bp" in v})
+        for i, name in enumerate(names):
+            recs = [r for r in history if "angle_update_bp" in r.get("layers", {}).get(name, {})]
+            ax.plot([r["epoch"] for r in recs], [r["layers"][name]["angle_update_bp"]
+                                                 for r in recs], color=f"C{i}", marker=".",
+                    label=name)
+        ax.axhline(90, color="grey", lw=0.8, ls=":")
+        ax.set_xlabel("epoch")
+        ax.set_ylabel("angle to backprop (deg)")
+        ax.set_ylim(0, 120)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    fig.suptitle(title or f"dendritic microcircuit: example {trace.get('example', 0)} (label "
+                          f"{trace['label']}) after {trace.get('examples_trained', '?')} "
                           f"training examples")
     if out is not None:
         save_figure(fig, out)

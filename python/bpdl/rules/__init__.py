@@ -15,6 +15,7 @@ from bpdl.errors import ConfigError
 from bpdl.rules import (
     backprop,  # noqa: F401  (registers "bp")
     feedback_alignment,  # noqa: F401  (fa, dfa, usf, brsf, frsf, kp, wm)
+    microcircuit,  # noqa: F401  (registers "microcircuit")
     segregated,  # noqa: F401  (registers "segregated")
     target_propagation,  # noqa: F401  (tp, dtp, sdtp, aosdtp, ddtp)
 )

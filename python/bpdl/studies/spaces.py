@@ -582,6 +582,26 @@ SEGREGATED_T19 = register_space(SearchSpace(
                 "update, 32 per kernel call), 1..6 layers of 30..500 units"),
     rule="segregated", model="segregated")
 
+#: S18's microcircuit in the steady-state variant (docs/algorithms/microcircuits.md §6.4): the
+#: scale of the per-layer forward rates (the rule's defaults times lr_scale: S18 tuned them "by
+#: hand", with the inverse-mixing rescaling), the interneurons' rate, the initial and top-down
+#: weight scales, the nudging and apical conductances, and 1..3 hidden layers of 100..500.
+#: Plain SGD on minibatches of 10 (the rule's run defaults).
+MICROCIRCUIT_S18 = register_space(SearchSpace(
+    "microcircuit-s18",
+    {"rule_options.lr_scale": LogUniform(0.1, 3.0),
+     "rule_options.ip_lr": LogUniform(0.01, 0.3),
+     "model_options.init_scale": LogUniform(2.0, 16.0),
+     "model_options.td_scale": LogUniform(0.3, 3.0),
+     "model_options.g_som": Uniform(0.1, 1.0),
+     "model_options.g_A": Uniform(0.1, 1.0),
+     "model_options.hidden": IntList(100, 500, length=(1, 3), log=True)},
+    version=1,
+    description="S18 steady state: lr_scale 0.1..3 on the default per-layer rates, W^IP lr "
+                "0.01..0.3, init scale 2..16, top-down scale 0.3..3, g_som and g_A 0.1..1, "
+                "1..3 layers of 100..500"),
+    rule="microcircuit", model="microcircuit")
+
 #: B18's random search for the target-propagation rules (docs/algorithms/target_propagation.md
 #: §4.3): forward and inverse Adam learning rates in [1e-5, 3e-4] (B18 does not state the
 #: distribution; bpdl samples log-uniformly), beta_2 in {0.99, 0.999} and epsilon in {1e-4,
