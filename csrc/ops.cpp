@@ -41,6 +41,20 @@ TORCH_LIBRARY(bpdl, m) {
         "Tensor kappa, Tensor lane_key, int seed, int steps, int window, float[] params, "
         "int[] flags, int[] need_test) -> Tensor");
 
+  // ---- dendritic cortical microcircuits (Sacramento et al. 2018; docs/algorithms/microcircuits.md) --
+  // python/bpdl/functional/microcircuit.py (full_run) is the reference; python/bpdl/ops/microcircuit.py
+  // documents the math. `steps` Euler-Maruyama steps of every lane (rows of the state) with the
+  // continuous, low-pass filtered plasticity of the shared weights, in place. Flat layouts
+  // (csrc/include/bpdl/microcircuit.h): weights, traces and etas W_1..W_N, b_1..b_N, W_td, W_pi,
+  // W_ip, b_ip (per hidden layer); a trace with no elements marks a fixed matrix; state u_1..u_N,
+  // u_I_1..u_I_{N-1}, r0; constants g_lk, g_B, g_A, g_D, g_som, g_som_I, dt, tau_w, tau_in, sigma,
+  // gamma, beta, theta; transfer 0 logistic, 1 soft_relu. Noise: Philox blocks keyed by seed and
+  // counted by (neuron pair, example, step, 0x3C100000 + population). apply_last = false leaves
+  // the last step's weight change to the caller (its trace is updated).
+  m.def("microcircuit_run(Tensor(a!)[] weights, Tensor(b!)[] traces, Tensor(c!)[] state, "
+        "Tensor x, Tensor? u_trgt, Tensor example, float[] etas, int step0, int steps, int seed, "
+        "float[] constants, int transfer, bool apply_last) -> ()");
+
   // ---- locally connected layers (unshared convolution; docs/algorithms/baselines.md §2.3) ----------------------
   // y[n,o,i,j] = sum_{c,u,v} W[i,j,o,c,u,v] x[n,c,s0*i+u-p0,s1*j+v-p1]; weight (OH,OW,O,C,KH,KW),
   // padding (top, left), output size read from the weight, zeros outside the input.

@@ -1,6 +1,6 @@
 """Typed wrappers over ``torch.ops.bpdl``: the fused C++/CUDA kernels, one module per kernel family
 (mirroring csrc/cpu/ and csrc/cuda/): :mod:`~bpdl.ops.spikes`, :mod:`~bpdl.ops.segregated`,
-:mod:`~bpdl.ops.locally_connected` and :mod:`~bpdl.ops.feedback`.
+:mod:`~bpdl.ops.locally_connected`, :mod:`~bpdl.ops.feedback` and :mod:`~bpdl.ops.microcircuit`.
 
 Each wrapper states the math it computes and checks its arguments before the kernel runs; each
 op has a fake (meta) implementation so ``torch.compile`` can trace through it, and a pure-PyTorch
@@ -22,6 +22,7 @@ from bpdl.ops.locally_connected import (
     locally_connected2d_grad_input,
     locally_connected2d_grad_weight,
 )
+from bpdl.ops.microcircuit import microcircuit_run
 from bpdl.ops.segregated import (
     segregated_layer_step,
     segregated_plasticity,
@@ -35,7 +36,7 @@ from bpdl.ops.spikes import MAX_POISSON_MEAN, poisson_spikes
 __all__ = [
     "MAGNITUDE_DISTRIBUTIONS", "MAX_POISSON_MEAN", "dfa_project", "has_kernel",
     "kernel_backends", "locally_connected2d", "locally_connected2d_grad_input",
-    "locally_connected2d_grad_weight", "operator_names", "poisson_spikes",
+    "locally_connected2d_grad_weight", "microcircuit_run", "operator_names", "poisson_spikes",
     "segregated_layer_step", "segregated_plasticity", "segregated_sparse_basal", "segregated_test",
     "segregated_train_example", "segregated_train_online", "sign_feedback",
     "sign_random_feedback",
