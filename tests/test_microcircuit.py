@@ -294,7 +294,9 @@ def test_full_dynamics_pseudo_gradient_is_the_last_steps_change():
     plastic = {"W", "b", "W_ip", "b_ip"}
     traces = {f: [torch.zeros_like(t.detach()) if f in plastic else None for t in ts]
               for f, ts in names.items()}
-    etas = {f: [0.3 if f in ("W", "b") else rule.config.ip_lr if f in ("W_ip", "b_ip") else 0.0
+    ip_lr = {g["name"]: g["lr"] for g in opt.param_groups}["ip.1"]
+    assert ip_lr == pytest.approx(0.12 / (20 * 0.1 * 10))  # the default, scaled (full_rate_factor)
+    etas = {f: [0.3 if f in ("W", "b") else ip_lr if f in ("W_ip", "b_ip") else 0.0
                 for _ in ts] for f, ts in names.items()}
     with torch.no_grad():
         mc.full_run(w, traces, mc.MicroState.zeros(3, p, F64), x,
@@ -383,3 +385,18 @@ def test_cli_trains_the_microcircuit_on_its_own_model(tmp_path, shared_data_dir,
                  "--data-dir", str(shared_data_dir), "--offline", "--out", str(tmp_path / "b")])
     assert code != 0
     assert "supports: microcircuit" in capsys.readouterr().err
+
+
+def test_full_dynamics_default_rates_are_the_steady_states_per_ms():
+    """Under the full dynamics a rate is per ms of presentation and the lanes' terms add up, so
+    the default rates are the steady state's divided by (presentation ms x batch)."""
+    from bpdl.rules.microcircuit import DEFAULT_LRS
+
+    base = dict(rule="microcircuit", model="microcircuit", model_options={"hidden": [500]})
+    steady = Microcircuit.run_defaults(RunConfig(**base))
+    full = Microcircuit.run_defaults(RunConfig(**base, rule_options={"dynamics": "full"},
+                                               batch_size=20))
+    assert steady["layer_lrs"] == list(DEFAULT_LRS["forward"][1:])
+    assert full["layer_lrs"] == pytest.approx([r / (1000 * 0.1 * 20) for r in steady["layer_lrs"]])
+    given = Microcircuit.run_defaults(RunConfig(**base, rule_options={"dynamics": "full"}, lr=0.5))
+    assert "layer_lrs" not in given  # a rate the caller gives is used as it is

@@ -511,3 +511,22 @@ def test_numpy_port_follows_the_reference(transfer):
             if family in traces:
                 np.testing.assert_allclose(port.traces[family][i], traces[family][i].numpy(),
                                            rtol=1e-10, atol=1e-12)
+
+
+def test_cpu_kernel_flushes_subnormals():
+    """A dark pixel's input filter decays geometrically into the subnormal range, where every
+    operation costs x86 a microcode assist; the CPU kernel flushes subnormals to zero (the
+    reference keeps them: the two differ only below the smallest normal number)."""
+    sizes = (4, 3, 2)
+    p = mc.MicroParams(sizes, sigma=0.0)
+    w = _net(sizes, torch.float32, "cpu")
+    tiny = torch.finfo(torch.float32).tiny
+    state = mc.MicroState.zeros(1, p, torch.float32)
+    state.r0.fill_(tiny / 4)  # subnormal
+    twin = state.clone()
+    x = torch.zeros(1, 4)
+    args = (x, None, p, _etas(w), torch.zeros(1, dtype=torch.int64), 0, 1, 0)
+    mc.full_run(_clone_weights(w), {}, state, *args)
+    ops.microcircuit_run(_clone_weights(w), {}, twin, *args)
+    assert 0 < float(state.r0.max()) < tiny  # the reference: still subnormal
+    assert float(twin.r0.abs().max()) == 0.0

@@ -77,6 +77,7 @@ REGRESSION_DEFAULTS: dict[str, Any] = {
     "model": {"transfer": "soft_relu", "init": "random", "init_scale": 1.0, "td_scale": 1.0,
               "sigma": 0.1, "steps": 1000},
     "lr": {"pp.1": 0.0011875, "pp.2": 0.0005, "ip.1": 0.0011875, "pi.1": 0.0059375},
+    "plastic": ("W", "b", "W_ip", "b_ip", "W_pi"),
     "test_patterns": 500,
 }
 
@@ -114,7 +115,7 @@ def _student(shallow: bool, seed: int, lanes: int, backend: str, dtype: torch.dt
     net = MicrocircuitNet(n0, n2, MicrocircuitConfig(hidden=(d["hidden"],), **d["model"]))
     net = net.to(dtype)
     rule = Microcircuit(net, MicrocircuitRuleConfig(
-        dynamics="full", plastic=("W", "W_ip", "W_pi"), fixed_layers=(1,) if shallow else (),
+        dynamics="full", plastic=tuple(d["plastic"]), fixed_layers=(1,) if shallow else (),
         ip_lr=d["lr"]["ip.1"], pi_lr=d["lr"]["pi.1"], backend=backend, seed=seed))
     opt = rule.setup_optimizers(RunConfig(rule="microcircuit", model="microcircuit",
                                           optimizer="sgd", lr=d["lr"]["pp.2"],

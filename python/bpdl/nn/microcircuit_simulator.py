@@ -126,7 +126,12 @@ def run_presentation(learner: Microcircuit, x: Tensor, u_trgt: Tensor | None,
 
         microcircuit_run(*args, apply_last=False)
     else:
-        mc.full_run(*args, apply_last=False)
+        # subnormals flushed, as the kernels do (dark pixels' input filters decay into them)
+        torch.set_flush_denormal(True)
+        try:
+            mc.full_run(*args, apply_last=False)
+        finally:
+            torch.set_flush_denormal(False)
     named = w.named()
     for family, tensors in named.items():
         for i, param in enumerate(tensors):

@@ -51,6 +51,14 @@ _PLAIN_SGD = {"momentum": 0, "dampening": 0, "weight_decay": 0, "nesterov": Fals
 DEFAULT_LRS = {"forward": (8.0, 2.0, 0.06), "W_ip": 0.12, "W_pi": 0.02}
 
 
+def full_rate_factor(steps: int, dt: float, batch: int) -> float:
+    """The full dynamics' default rates are the steady state's times this factor (docs/
+    algorithms/microcircuits.md §6.6): a presentation of ``steps * dt`` ms moves a weight by
+    about eta * steps * dt * (sum of the lanes' induction terms), a steady-state minibatch by lr
+    * (their mean), so eta = lr / (steps * dt * batch) gives the same change per minibatch."""
+    return 1.0 / (steps * dt * batch)
+
+
 @dataclass(frozen=True)
 class MicrocircuitRuleConfig:
     """Options of the ``microcircuit`` rule (the network's constants are the model's).
@@ -61,7 +69,9 @@ class MicrocircuitRuleConfig:
     families learn (of W, b, W_ip, b_ip, W_pi; S18's MNIST run keeps the top-down weights and W^PI
     fixed). ``fixed_layers``: forward layers (1 = input to first hidden) kept fixed (S18's variant with
     fixed hidden-to-hidden weights: [2]). ``ip_lr``, ``pi_lr``: learning rates of W^IP and W^PI (the
-    forward rates are the run's ``lr`` / ``layer_lrs``). ``pretrain_examples``: self-predicting
+    forward rates are the run's ``lr`` / ``layer_lrs``; default DEFAULT_LRS, under the full
+    dynamics times :func:`full_rate_factor`, since there a rate is per ms: W += dt eta T at
+    every step). ``pretrain_examples``: self-predicting
     pre-training (no teacher, only W^IP and W^PI plastic) on the first that many training examples.
     ``lr_scale`` multiplies the default forward rates (studies search it; see
     :meth:`Microcircuit.run_defaults`). ``backend``, ``seed``: of the full dynamics (kernels or the
@@ -73,8 +83,8 @@ class MicrocircuitRuleConfig:
     sweeps: int = 1
     plastic: tuple[str, ...] = ("W", "b", "W_ip", "b_ip")
     fixed_layers: tuple[int, ...] = ()
-    ip_lr: float | tuple[float, ...] = DEFAULT_LRS["W_ip"]
-    pi_lr: float | tuple[float, ...] = DEFAULT_LRS["W_pi"]
+    ip_lr: float | tuple[float, ...] | None = None
+    pi_lr: float | tuple[float, ...] | None = None
     pretrain_examples: int = 0
     lr_scale: float = 1.0
     backend: str = "auto"
@@ -94,6 +104,8 @@ class MicrocircuitRuleConfig:
         require_positive("lr_scale", self.lr_scale)
         for name in ("ip_lr", "pi_lr"):
             value = getattr(self, name)
+            if value is None:
+                continue
             for v in (value if isinstance(value, (tuple, list)) else (value,)):
                 require_positive(name, v)
         if isinstance(self.pretrain_examples, bool) or not isinstance(self.pretrain_examples, int) \
@@ -102,6 +114,13 @@ class MicrocircuitRuleConfig:
                               f"{self.pretrain_examples!r}")
         if self.seed is not None and not (isinstance(self.seed, int) and 0 <= self.seed < 2**62):
             raise ConfigError(f"seed must be an integer in [0, 2^62), got {self.seed!r}")
+
+
+def _model_defaults() -> dict[str, Any]:
+    from bpdl.nn.microcircuit import MicrocircuitConfig
+
+    d = MicrocircuitConfig()
+    return {"steps": d.steps, "dt": d.dt}
 
 
 def _per_layer(value: float | tuple[float, ...], k: int, name: str, hidden: int) -> float:
@@ -138,6 +157,8 @@ class Microcircuit(Learner):
         self._optimizer: torch.optim.Optimizer | None = None
         self.lanes: mc.MicroState | None = None
         self.traces: dict[str, list[Tensor | None]] | None = None
+        c = model.config
+        self._rate_factor = full_rate_factor(c.steps, c.dt, 10) if cfg.dynamics == "full" else 1.0
 
     @property
     def net(self) -> MicrocircuitNet:
@@ -152,14 +173,16 @@ class Microcircuit(Learner):
         """The forward layers first (``lr`` / ``layer_lrs`` apply to them), then the interneuron
         weights at ``ip_lr`` and ``pi_lr``; the top-down weights are never trained."""
         net, cfg = self.net, self.config
+        ip_lr = cfg.ip_lr if cfg.ip_lr is not None else DEFAULT_LRS["W_ip"] * self._rate_factor
+        pi_lr = cfg.pi_lr if cfg.pi_lr is not None else DEFAULT_LRS["W_pi"] * self._rate_factor
         groups = [{"name": f"pp.{k}", "params": [layer.weight, layer.bias]}
                   for k, layer in enumerate(net.pp, start=1)]
         for k, layer in enumerate(net.ip, start=1):
             groups.append({"name": f"ip.{k}", "params": [layer.weight, layer.bias],
-                           "lr": _per_layer(cfg.ip_lr, k, "ip_lr", net.n_hidden)})
+                           "lr": _per_layer(ip_lr, k, "ip_lr", net.n_hidden)})
         for k, w in enumerate(net.pi, start=1):
             groups.append({"name": f"pi.{k}", "params": [w],
-                           "lr": _per_layer(cfg.pi_lr, k, "pi_lr", net.n_hidden)})
+                           "lr": _per_layer(pi_lr, k, "pi_lr", net.n_hidden)})
         return groups
 
     def weight_layers(self) -> OrderedDict[str, Tensor]:
@@ -182,12 +205,18 @@ class Microcircuit(Learner):
             if isinstance(scale, bool) or not isinstance(scale, (int, float)) or \
                     not math.isfinite(scale) or scale <= 0:
                 raise ConfigError(f"lr_scale must be a positive number, got {scale!r}")
+            if (config.rule_options or {}).get("dynamics") == "full":
+                m = {**_model_defaults(), **(config.model_options or {})}
+                scale *= full_rate_factor(m["steps"], m["dt"], config.batch_size or 10)
             rates = DEFAULT_LRS["forward"]
             n = len(hidden) + 1
             out["layer_lrs"] = [scale * rates[max(0, len(rates) - n + i)] for i in range(n)]
         return out
 
     def configure_optimizers(self, cfg: Any) -> dict[str, torch.optim.Optimizer]:
+        if self.config.dynamics == "full":  # the default W^IP, W^PI rates for this batch size
+            c = self.net.config
+            self._rate_factor = full_rate_factor(c.steps, c.dt, cfg.batch_size or 10)
         optimizers = super().configure_optimizers(cfg)
         opt = optimizers["main"]
         if self.config.dynamics == "full":
