@@ -40,7 +40,7 @@ __all__ = ["REGRESSION_DEFAULTS", "regression_teacher", "run_regression"]
 # ---- MNIST (§3.4) --------------------------------------------------------------------------------
 
 #: The MNIST network: S18's 784-500-500-10 with bpdl's chosen initial scale (docs/algorithms/
-#: microcircuits.md §6.5 gives the reasons; S18's own values are in its supplement).
+#: microcircuits.md §6.6 gives the reasons; S18's own values are in its supplement).
 _MNIST_MODEL = {"hidden": [500, 500]}
 
 register(Experiment(
@@ -69,14 +69,14 @@ register(Experiment(
 
 # ---- the teacher-student regression (§3.3) ----------------------------------------------------
 
-#: Settings of the regression task (docs/algorithms/microcircuits.md §6.5): the student's
+#: Settings of the regression task (docs/algorithms/microcircuits.md §6.6): the student's
 #: network, its continuous-time learning rates (per ms; W <- W + dt eta T at every step) and
 #: the protocol.
 REGRESSION_DEFAULTS: dict[str, Any] = {
     "teacher": (30, 20, 10), "k": (2.0, 10.0), "hidden": 50,
-    "model": {"transfer": "soft_relu", "init": "random", "init_scale": 1.0, "td_scale": 1.0,
+    "model": {"transfer": "soft_relu", "init": "random", "init_scale": 20.0, "td_scale": 1.0,
               "sigma": 0.1, "steps": 1000},
-    "lr": {"pp.1": 0.0011875, "pp.2": 0.0005, "ip.1": 0.0011875, "pi.1": 0.0059375},
+    "lr": {"pp.1": 0.35625, "pp.2": 0.15, "ip.1": 0.35625, "pi.1": 1.78125},
     "plastic": ("W", "b", "W_ip", "b_ip", "W_pi"),
     "test_patterns": 500,
 }

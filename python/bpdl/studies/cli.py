@@ -49,7 +49,8 @@ def add_study_parser(sub: argparse._SubParsersAction) -> None:
                                     "50 trials of 3-fold cross-validation after 10 epochs.")
     g = r.add_argument_group("what to study")
     g.add_argument("--rule", default="bp", help="learning rule (default bp)")
-    g.add_argument("--model", default="mlp", help="model family (default mlp)")
+    g.add_argument("--model", default=None,
+                   help="model family (default: the rule's own model, else mlp)")
     g.add_argument("--dataset", default="mnist", help="mnist, fashion_mnist or cifar10")
     g.add_argument("--space", default=None,
                    help="registered search space (default: the one for rule and model, else "
@@ -130,13 +131,26 @@ def add_study_parser(sub: argparse._SubParsersAction) -> None:
     op.set_defaults(func=cmd_study_optimizers)
 
 
+def _natural_model(rule: str) -> str:
+    """The model a rule trains when none is named: its own family (segregated, microcircuit),
+    else the MLP. An unknown rule is left to the study's own error."""
+    from bpdl import rules
+    from bpdl.errors import ConfigError
+
+    try:
+        models = rules.get(rule).supported_models
+    except (ConfigError, KeyError):
+        return "mlp"
+    return models[0] if models else "mlp"
+
+
 def study_config_from_args(args: argparse.Namespace):
     from bpdl.studies.runner import StudyConfig
 
     fixed = _set_items(args.fixed)
     if args.max_examples is not None:
         fixed["max_examples"] = args.max_examples
-    return StudyConfig(rule=args.rule, model=args.model, dataset=args.dataset,
+    return StudyConfig(rule=args.rule, model=args.model or _natural_model(args.rule), dataset=args.dataset,
                        space=args.space, optimizer=args.optimizer, budget=args.budget,
                        epochs=args.epochs, folds=args.folds, seed=args.seed, top_k=args.top_k,
                        test_seeds=args.test_seeds, train_subset=args.train_subset, fixed=fixed,
