@@ -10,7 +10,7 @@ MicroParams`) and the self-predicting initialisation. The dynamics are in
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 
 import torch
 from torch import Tensor, nn
@@ -23,6 +23,11 @@ from bpdl.nn.models import MODELS, ModelSpec
 INITS = ("self_predicting", "random")
 
 __all__ = ["INITS", "MicrocircuitConfig", "MicrocircuitNet"]
+
+
+#: The simulation constants and their defaults, defined once in MicroParams (the model options
+#: of the same names take them as defaults and hand them back in :meth:`MicrocircuitConfig.params`).
+_SIM = {f.name: f.default for f in fields(mc.MicroParams) if f.name != "sizes"}
 
 
 @dataclass(frozen=True)
@@ -42,20 +47,20 @@ class MicrocircuitConfig:
     """
 
     hidden: tuple[int, ...] = (500, 500)
-    transfer: str = "logistic"
-    gamma: float = 0.1
-    beta: float = 1.0
-    theta: float = 3.0
-    g_lk: float = 0.1
-    g_B: float = 1.0
-    g_A: float = 0.8
-    g_D: float = 1.0
-    g_som: float = 0.8
-    g_som_I: float = 0.8
-    dt: float = 0.1
-    tau_w: float = 30.0
-    tau_in: float = 3.0
-    sigma: float = 0.1
+    transfer: str = _SIM["transfer"]
+    gamma: float = _SIM["gamma"]
+    beta: float = _SIM["beta"]
+    theta: float = _SIM["theta"]
+    g_lk: float = _SIM["g_lk"]
+    g_B: float = _SIM["g_B"]
+    g_A: float = _SIM["g_A"]
+    g_D: float = _SIM["g_D"]
+    g_som: float = _SIM["g_som"]
+    g_som_I: float = _SIM["g_som_I"]
+    dt: float = _SIM["dt"]
+    tau_w: float = _SIM["tau_w"]
+    tau_in: float = _SIM["tau_in"]
+    sigma: float = _SIM["sigma"]
     steps: int = 1000
     init: str = "self_predicting"
     init_scale: float = 8.0
@@ -92,9 +97,7 @@ class MicrocircuitConfig:
                               f"dt <= 1")
 
     def params(self, sizes: tuple[int, ...]) -> mc.MicroParams:
-        return mc.MicroParams(tuple(sizes), self.g_lk, self.g_B, self.g_A, self.g_D, self.g_som,
-                              self.g_som_I, self.dt, self.tau_w, self.tau_in, self.sigma,
-                              self.transfer, self.gamma, self.beta, self.theta)
+        return mc.MicroParams(tuple(sizes), **{name: getattr(self, name) for name in _SIM})
 
 
 class MicrocircuitNet(nn.Module):
