@@ -3,6 +3,7 @@ divergence and bad input."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import pytest
@@ -341,3 +342,64 @@ def test_a_rule_with_two_passes_per_epoch(tmp_path, small_data):
     # the model's weights change only in "model" passes
     norms = [r["layers"]["layers.0"]["weight_norm"] for r in history]
     assert norms[1] == norms[0] and norms[2] != norms[1] and norms[3] == norms[2]
+
+
+# ---- learning-rate schedules -------------------------------------------------------------------
+
+def test_lr_schedule_factors():
+    from bpdl.optim import lr_schedule_factor
+
+    cosine = lr_schedule_factor("cosine", 4)
+    assert [cosine(e) for e in range(4)] == pytest.approx([1.0, 0.8535534, 0.5, 0.1464466])
+    step = lr_schedule_factor("step:3,5:0.1", 6)
+    assert [step(e) for e in range(6)] == pytest.approx([1, 1, 0.1, 0.1, 0.01, 0.01])
+    assert lr_schedule_factor("exp:0.5", 3)(2) == 0.25
+    assert lr_schedule_factor(None, 3)(7) == 1.0
+    for bad, why in (("cos", "unknown form"), ("step:1:0.1", "epochs >= 2"),
+                     ("exp:2", r"\(0, 1\]"), ("step:a:0.1", "whole epochs"), (3, "a string")):
+        with pytest.raises(ConfigError, match=why):
+            lr_schedule_factor(bad, 3)
+
+
+def test_lr_schedule_sets_every_optimisers_rates_per_epoch(tmp_path, small_data,
+                                                           two_optimizer_rule):
+    cfg = _cfg(rule=two_optimizer_rule, optimizer="sgd", lr=0.1, layer_lrs=(0.2, 0.05),
+               epochs=3, eval_every=None, lr_schedule="step:2,3:0.5")
+    result = train(cfg, tmp_path / "run", data=small_data, progress=False, log=lambda s: None)
+    assert [r.get("lr_factor") for r in result.history] == [1.0, 0.5, 0.25, 0.25]
+    ckpt = torch.load(tmp_path / "run" / "checkpoints" / "last.pt", weights_only=False)
+    main = ckpt["optimizers"]["main"]["param_groups"]
+    # each group keeps its own rate's ratio; the rule's second optimiser follows the schedule
+    assert [g["lr"] for g in main] == pytest.approx([0.2 * 0.25, 0.05 * 0.25])
+    readout = ckpt["optimizers"]["readout"]["param_groups"][0]
+    assert readout["lr"] == pytest.approx(readout["initial_lr"] * 0.25)
+    # with the schedule the weights end elsewhere than at constant rates
+    constant = train(dataclasses.replace(cfg, lr_schedule=None), tmp_path / "const",
+                     data=small_data, progress=False, log=lambda s: None)
+    assert "lr_factor" not in constant.history[-1]
+    assert constant.history[-1]["train_loss"] != result.history[-1]["train_loss"]
+
+
+def test_lr_schedule_resumes_bit_for_bit(tmp_path, small_data):
+    cfg = _cfg(epochs=3, lr_schedule="cosine")
+    reference = train(cfg, tmp_path / "ref", data=small_data, progress=False, log=lambda s: None)
+    out = tmp_path / "crashy"
+    with pytest.raises(Crash):  # in the second epoch, after the schedule has stepped
+        train(cfg, out, data=small_data, progress=False, log=lambda s: None,
+              callback=_crash_at(1500))
+    resumed = train(cfg, out, data=small_data, progress=False, log=lambda s: None)
+    assert _strip(resumed.history) == _strip(reference.history)
+    assert reference.history[-1]["lr_factor"] == pytest.approx(0.0)
+
+
+def test_runs_written_before_a_config_field_existed_still_resume(tmp_path, small_data):
+    out = tmp_path / "old"
+    cfg = _cfg(max_examples=600)
+    with pytest.raises(Crash):
+        train(cfg, out, data=small_data, progress=False, log=lambda s: None,
+              callback=_crash_at(600))
+    stored = json.loads((out / "config.json").read_text())
+    del stored["lr_schedule"]  # as bpdl <= 0.1 wrote it
+    (out / "config.json").write_text(json.dumps(stored))
+    assert train(cfg, out, data=small_data, progress=False, log=lambda s: None).status == \
+        "completed"

@@ -94,6 +94,9 @@ def _add_run_arguments(p: argparse.ArgumentParser, *, with_model: bool = True) -
                    help="one learning rate per weight layer, comma-separated")
     r.add_argument("--opt", action="append", metavar="KEY=VALUE",
                    help="optimiser option, e.g. momentum=0.9 (repeatable)")
+    r.add_argument("--lr-schedule", default=None, metavar="SCHEDULE",
+                   help="multiply every learning rate per epoch: cosine, step:E1,E2,...:GAMMA "
+                        "(e.g. step:20,40:0.1) or exp:GAMMA (default: constant)")
     t = p.add_argument_group("training")
     t.add_argument("--epochs", type=int, default=None, help="epochs (default 1)")
     t.add_argument("--batch-size", type=int, default=None, help="minibatch size (default 100)")
@@ -128,7 +131,8 @@ def _config_from_args(args: argparse.Namespace, base: dict[str, Any] | None = No
         except (OSError, json.JSONDecodeError) as err:
             raise ConfigError(f"cannot read --config {args.config}: {err}") from err
     for key in ("model", "rule", "dataset", "optimizer", "lr", "epochs", "batch_size",
-                "max_examples", "eval_every", "test", "seed", "device", "threads", "layer_lrs"):
+                "max_examples", "eval_every", "test", "seed", "device", "threads", "layer_lrs",
+                "lr_schedule"):
         value = getattr(args, key, None)
         if value is not None:
             d[key] = value

@@ -106,3 +106,70 @@ def build_optimizer(name: str, groups: list[dict[str, Any]], lr: float,
         return OPTIMIZERS.get(name)(groups, lr=float(lr), **options)
     except (TypeError, ValueError) as err:
         raise ConfigError(f"invalid options for optimizer {name!r} {options}: {err}") from err
+
+
+# ---- learning-rate schedules over epochs ----------------------------------------------------------
+
+#: the forms ``lr_schedule`` accepts (docs/architecture.md, "Learning-rate schedules")
+LR_SCHEDULE_FORMS = ("cosine", "step:E1,E2,...:GAMMA", "exp:GAMMA")
+
+
+def lr_schedule_factor(spec: str | None, epochs: int) -> Callable[[int], float]:
+    """The factor by which every learning rate is multiplied during epoch ``e`` (0-based) of a
+    run of ``epochs`` epochs, for the schedule ``spec``:
+
+    - None: 1 throughout;
+    - ``cosine``: 0.5 (1 + cos(pi e / epochs)), from 1 down towards 0;
+    - ``step:E1,E2,...:GAMMA``: multiplied by GAMMA at the start of each listed epoch
+      (1-based, as the log counts them: ``step:20,40:0.1`` trains epochs 1-19 at the full
+      rate, 20-39 at a tenth, 40 on at a hundredth);
+    - ``exp:GAMMA``: GAMMA ** e.
+
+    Raises ConfigError naming the accepted forms for anything else."""
+    forms = ", ".join(LR_SCHEDULE_FORMS)
+    if spec is None:
+        return lambda e: 1.0
+    if not isinstance(spec, str):
+        raise ConfigError(f"lr_schedule must be one of {forms} (a string), got {spec!r}")
+
+    def bad(why: str) -> ConfigError:
+        return ConfigError(f"lr_schedule {spec!r}: {why}; the accepted forms are {forms}, "
+                           f"e.g. 'step:20,40:0.1'")
+
+    kind, _, rest = spec.partition(":")
+    if kind == "cosine" and not rest:
+        return lambda e: 0.5 * (1.0 + math.cos(math.pi * min(e, epochs) / epochs))
+    if kind == "exp":
+        try:
+            gamma = float(rest)
+        except ValueError:
+            raise bad("GAMMA is not a number") from None
+        if not 0 < gamma <= 1:
+            raise bad(f"GAMMA must lie in (0, 1], got {gamma}")
+        return lambda e: gamma ** e
+    if kind == "step":
+        milestones, _, gamma_text = rest.rpartition(":")
+        try:
+            gamma = float(gamma_text)
+            starts = sorted(int(m) for m in milestones.split(","))
+        except ValueError:
+            raise bad("the milestones must be whole epochs and GAMMA a number") from None
+        if not 0 < gamma <= 1:
+            raise bad(f"GAMMA must lie in (0, 1], got {gamma}")
+        if not starts or starts[0] < 2:
+            raise bad("the milestones must be epochs >= 2 (epoch 1 trains at the full rate)")
+        return lambda e: gamma ** sum(e + 1 >= m for m in starts)
+    raise bad("unknown form")
+
+
+def build_schedulers(optimizers: dict[str, torch.optim.Optimizer], spec: str | None,
+                     epochs: int, passes: int = 1) -> dict[str, torch.optim.lr_scheduler.LambdaLR]:
+    """One ``LambdaLR`` per optimiser for the schedule ``spec`` (none for no schedule), stepped
+    once per pass over the training set; a rule making ``passes`` passes per epoch keeps each
+    epoch's rate for all of them. Every optimiser of the rule follows the same factor, each
+    parameter group from its own initial rate (per-layer rates keep their ratios)."""
+    if spec is None:
+        return {}
+    factor = lr_schedule_factor(spec, epochs)
+    return {name: torch.optim.lr_scheduler.LambdaLR(opt, lambda p: factor(p // passes))
+            for name, opt in optimizers.items()}

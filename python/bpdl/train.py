@@ -45,7 +45,7 @@ from bpdl import rules
 from bpdl.config import diff, from_dict, require_positive, to_dict
 from bpdl.errors import ConfigError, RunDirError
 from bpdl.metrics import evaluate, weight_statistics
-from bpdl.optim import OPTIMIZERS, validate_optimizer
+from bpdl.optim import OPTIMIZERS, build_schedulers, lr_schedule_factor, validate_optimizer
 from bpdl.runs import RunDir
 
 TEST_MODES = ("never", "final", "every")
@@ -76,6 +76,9 @@ class RunConfig:
     #: one learning rate per learner parameter group (weight layer), in forward order
     layer_lrs: tuple[float, ...] | None = None
     optimizer_options: dict[str, Any] = field(default_factory=dict)
+    #: every optimiser's rates multiplied by an epoch-wise factor: None (constant), "cosine",
+    #: "step:E1,E2,...:GAMMA" or "exp:GAMMA" (:func:`bpdl.optim.lr_schedule_factor`)
+    lr_schedule: str | None = None
     batch_size: int | None = None
     epochs: int = 1
     #: stop after this many training examples (None: train all epochs)
@@ -160,6 +163,7 @@ def validate(cfg: RunConfig | dict[str, Any]) -> RunConfig:
         raise ConfigError(f"seed must be an integer >= 0, got {cfg.seed!r}")
     OPTIMIZERS.get(cfg.optimizer)
     validate_optimizer(cfg.optimizer, cfg.lr, cfg.layer_lrs, cfg.optimizer_options)
+    lr_schedule_factor(cfg.lr_schedule, cfg.epochs)
     bnn.model_config(cfg.model, cfg.model_options)
     rules.rule_config(cfg.rule, cfg.rule_options)
     resolve_device(cfg.device)
@@ -209,6 +213,8 @@ def open_run_dir(out_dir, cfg_dict: dict[str, Any]) -> tuple[RunDir | None, RunR
     run.check_writable()
     old = run.existing_config()
     if old is not None:
+        # a field added to RunConfig after the run was written holds its default there
+        old = {**RunConfig().to_dict(), **old}
         differences = [d for d in diff(old, cfg_dict) if d.split(":")[0] not in _RESUMABLE_FIELDS]
         if differences:
             raise ConfigError(
@@ -252,6 +258,13 @@ class Session:
     state: LoopState = field(default_factory=LoopState)
     history: list[dict[str, Any]] = field(default_factory=list)
     t_start: float = 0.0
+    #: the learning-rate schedulers of ``cfg.lr_schedule`` by optimiser name (stepped per pass)
+    schedulers: dict[str, torch.optim.lr_scheduler.LambdaLR] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if not self.schedulers:
+            self.schedulers = build_schedulers(self.optimizers, self.cfg.lr_schedule,
+                                               self.cfg.epochs, self.passes)
 
     def zero_grad(self) -> None:
         for opt in self.optimizers.values():
@@ -358,6 +371,7 @@ def save_checkpoint(session: Session) -> None:
     s.run.save_checkpoint({
         "learner": s.learner.state_dict(),
         "optimizers": {name: opt.state_dict() for name, opt in s.optimizers.items()},
+        "schedulers": {name: sch.state_dict() for name, sch in s.schedulers.items()},
         "loop": dataclasses.asdict(s.state),
         "history_len": len(s.history),
         "torch_rng": torch.get_rng_state(),
@@ -383,6 +397,8 @@ def restore_checkpoint(session: Session, ckpt: dict[str, Any]) -> None:
                               f"has {sorted(s.optimizers)}")
         for name, opt in s.optimizers.items():
             opt.load_state_dict(states[name])
+        for name, sch in s.schedulers.items():
+            sch.load_state_dict(ckpt["schedulers"][name])
     except Exception as err:  # a checkpoint that does not fit is the user's to resolve
         raise RunDirError(f"cannot resume from {s.run.checkpoint}: {err}. Delete the folder or "
                           f"choose another --out.") from err
@@ -477,6 +493,8 @@ class Evaluator:
         phase = getattr(s.learner, "phase", None)
         if phase is not None:
             rec["phase"] = phase  # what the rule trained in the pass just finished
+        for sch in list(s.schedulers.values())[:1]:  # the schedule's factor for the next step
+            rec["lr_factor"] = sch.get_last_lr()[0] / sch.base_lrs[0]
         trained = state.examples - self.examples_mark
         dt_train = state.train_time - self.train_time_mark
         rec["examples_per_sec"] = trained / dt_train if trained > 0 and dt_train > 0 else None
@@ -609,6 +627,8 @@ def train_epoch(session: Session, evaluator: Evaluator, hooks: Hooks) -> None:
         if state.batch >= batches:  # epoch complete: a resume starts the next one
             state.epoch += 1
             state.batch = 0
+            for sch in s.schedulers.values():
+                sch.step()
         if hooks.bar is not None:
             hooks.bar.update(n)
         if eval_due:
