@@ -30,6 +30,7 @@ import statistics
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -45,19 +46,20 @@ SIZES = (784, 500, 10)
 EPOCH = 60000
 
 
-def _setup(images: torch.Tensor, labels: torch.Tensor, lanes: int, dtype=torch.float32):
+def _setup(images: torch.Tensor, labels: torch.Tensor, lanes: int, dtype=torch.float32,
+           device: str | torch.device = "cpu"):
     net = MicrocircuitNet(SIZES[0], SIZES[-1], MicrocircuitConfig(hidden=list(SIZES[1:-1])))
     p = net.sim
-    w = mc.MicroWeights(*[[t.detach().to(dtype).clone() for t in ts]
+    w = mc.MicroWeights(*[[t.detach().to(device, dtype).clone() for t in ts]
                           for ts in net.weights().named().values()])
     etas = {"W": [0.01, 0.003], "b": [0.01, 0.003], "W_td": [0.0], "W_pi": [0.005],
             "W_ip": [0.01], "b_ip": [0.01]}
     traces = {f: [torch.zeros_like(t) for t in ts] for f, ts in w.named().items() if f != "W_td"}
-    state = mc.MicroState.zeros(lanes, p, dtype)
-    x = images[:lanes].to(dtype)
+    state = mc.MicroState.zeros(lanes, p, dtype, device)
+    x = images[:lanes].to(device, dtype)
     u_trgt = torch.where(torch.nn.functional.one_hot(labels[:lanes], SIZES[-1]) > 0, 4.0,
-                         -4.0).to(dtype)
-    example = torch.arange(lanes, dtype=torch.int64)
+                         -4.0).to(device, dtype)
+    example = torch.arange(lanes, dtype=torch.int64, device=device)
     return w, traces, state, x, u_trgt, p, etas, example
 
 
@@ -67,10 +69,10 @@ def _clone(args):
             {k: [t.clone() for t in v] for k, v in traces.items()}, state.clone(), *rest)
 
 
-def check_kernels_match_reference(images, labels) -> None:
+def check_kernels_match_reference(images, labels, device="cpu") -> None:
     for lanes in (1, 7):
         for dtype, tol in ((torch.float64, 1e-10), (torch.float32, 2e-4)):
-            a = _setup(images, labels, lanes, dtype)
+            a = _setup(images, labels, lanes, dtype, device)
             b = _clone(a)
             mc.full_run(*a[:7], a[7], 0, 30, 5)
             microcircuit_run(*b[:7], b[7], 0, 30, 5)
@@ -80,20 +82,27 @@ def check_kernels_match_reference(images, labels) -> None:
                 torch.testing.assert_close(x, y, rtol=tol, atol=tol)
 
 
-def _median_time(fn, repeats: int) -> float:
+def _sync(device) -> None:
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _median_time(fn, repeats: int, device="cpu") -> float:
     fn()  # warm-up
+    _sync(device)
     times = []
     for _ in range(repeats):
         t0 = time.perf_counter()
         fn()
+        _sync(device)
         times.append(time.perf_counter() - t0)
     return statistics.median(times)
 
 
 def time_torch(run, images, labels, lanes: int, steps: int, repeats: int,
-               warmup: int = 0) -> float:
+               warmup: int = 0, device="cpu") -> float:
     """Seconds per example-step of ``run`` (the kernel or the reference) at ``lanes``."""
-    args = _setup(images, labels, lanes)
+    args = _setup(images, labels, lanes, device=device)
     run(*args[:7], args[7], 0, warmup, 5)  # past the first presentations' transients
     counter = [warmup]
 
@@ -101,7 +110,7 @@ def time_torch(run, images, labels, lanes: int, steps: int, repeats: int,
         run(*args[:7], args[7], counter[0], steps, 5)
         counter[0] += steps
 
-    return _median_time(once, repeats) / (lanes * steps)
+    return _median_time(once, repeats, device) / (lanes * steps)
 
 
 def time_numpy(images, labels, steps: int, repeats: int, dtype) -> float:
@@ -136,6 +145,11 @@ def main() -> None:
     ap.add_argument("--numpy-steps", type=int, default=100)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--quick", action="store_true", help="fewer steps (a smoke run)")
+    ap.add_argument("--device", default="cpu",
+                    help="where the kernels and the reference run: cpu (default), cuda, cuda:N "
+                         "(the NumPy port always runs on the CPU)")
+    ap.add_argument("--out", default=str(HERE / "results"),
+                    help="folder of microcircuits.csv (default benchmarks/results)")
     ap.add_argument("--train", action="store_true",
                     help="also run the 20,000-example MNIST training of the issue (minutes)")
     args = ap.parse_args()
@@ -149,17 +163,24 @@ def main() -> None:
     n = max(max(args.lanes), 7)
     images = train_set.images[:n].reshape(n, -1).double() / 255.0
     labels = train_set.labels[:n]
-    check_kernels_match_reference(images, labels)
-    print(f"kernels match the reference; {machine()}; {today()}", flush=True)
+    device = torch.device(args.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        sys.exit(f"error: --device {args.device}: CUDA is not available on this machine")
+    check_kernels_match_reference(images, labels, device)
+    where = torch.cuda.get_device_name(device) if device.type == "cuda" else machine()
+    print(f"kernels match the reference on {device}; {where}; {today()}", flush=True)
     np32 = time_numpy(images, labels, args.numpy_steps, args.repeats, np.float32)
     np64 = time_numpy(images, labels, args.numpy_steps, args.repeats, np.float64)
     rows = []
     steps_per_example = MicrocircuitConfig().steps
     for lanes in args.lanes:
         fused = time_torch(microcircuit_run, images, labels, lanes, args.steps, args.repeats,
-                           warmup=0 if args.quick else 3 * steps_per_example)
-        ref = time_torch(mc.full_run, images, labels, lanes, args.reference_steps, args.repeats)
-        row = {"network": "784-500-10", "lanes": lanes, "threads": torch.get_num_threads(),
+                           warmup=0 if args.quick else 3 * steps_per_example, device=device)
+        ref = time_torch(mc.full_run, images, labels, lanes, args.reference_steps, args.repeats,
+                         device=device)
+        row = {"network": "784-500-10", "device": str(device), "device_name": where,
+               "lanes": lanes,
+               "threads": torch.get_num_threads(),
                "dtype": "float32", "fused_us_per_example_step": fused * 1e6,
                "reference_us_per_example_step": ref * 1e6,
                "numpy_f32_us_per_example_step": np32 * 1e6,
@@ -171,7 +192,8 @@ def main() -> None:
                "numpy_f32_epoch_hours": np32 * steps_per_example * EPOCH / 3600}
         rows.append(row)
         print(row, flush=True)
-    out = HERE / "results" / "microcircuits.csv"
+    Path(args.out).mkdir(parents=True, exist_ok=True)
+    out = Path(args.out) / "microcircuits.csv"
     write_csv(out, rows)
     print(f"\n{machine()}; {today()}; 784-500-10, float32, {steps_per_example} steps per "
           f"presented example; wrote {out}\n")

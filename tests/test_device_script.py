@@ -16,10 +16,11 @@ import pytest
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 SCRIPT = REPO_ROOT / "benchmarks" / "device" / "run.sh"
-STAGES = ["build", "info", "cuda-tests", "tests", "segregated", "fa-steps", "fa-lc", "reproduce"]
+STAGES = ["build", "info", "cuda-tests", "tests", "segregated", "fa-steps", "fa-lc", "microcircuits",
+          "reproduce"]
 DEFAULT_BUDGETS = {"build": 150, "info": 20, "cuda-tests": 60, "tests": 90, "segregated": 60,
-                   "fa-steps": 45, "fa-lc": 30}
-TOTAL, RESERVE = 520, 15
+                   "fa-steps": 45, "fa-lc": 30, "microcircuits": 35}
+TOTAL, RESERVE = 540, 15
 
 pytestmark = pytest.mark.skipif(shutil.which("bash") is None or shutil.which("timeout") is None,
                                 reason="needs bash and GNU timeout")
@@ -56,7 +57,7 @@ def test_dry_run_lists_every_stage_in_order_with_budget_and_runs_nothing(tmp_pat
     assert r.returncode == 0, r.stderr
     stages = _stage_lines(r.stdout)
     assert [m.group(3) for m in stages] == STAGES
-    assert [int(m.group(1)) for m in stages] == list(range(1, 9))
+    assert [int(m.group(1)) for m in stages] == list(range(1, len(STAGES) + 1))
     budgets = {m.group(3): int(m.group(4)) for m in stages}
     assert budgets == {**DEFAULT_BUDGETS, "reproduce": TOTAL - sum(DEFAULT_BUDGETS.values()) - RESERVE}
     assert sum(budgets.values()) + RESERVE <= 9 * 60
@@ -74,6 +75,8 @@ def test_dry_run_lists_every_stage_in_order_with_budget_and_runs_nothing(tmp_pat
             f"python3 benchmarks/segregated.py --device cuda --data-dir {data}",
             f"python3 benchmarks/feedback_alignment.py steps --device cuda --out {work}/bench",
             f"python3 benchmarks/feedback_alignment.py lc --device cuda --out {work}/bench",
+            f"python3 benchmarks/microcircuits.py --device cuda --data-dir {data} --out "
+            f"{work}/bench --lanes 1 10 32 256",
             f"python3 -m bpdl.cli reproduce guerguiev2017 --layers 1 --device cuda --out "
             f"{work}/reproduce --data-dir {data} --offline --no-progress"):
         assert f"$ {command}" in text, command
@@ -81,7 +84,8 @@ def test_dry_run_lists_every_stage_in_order_with_budget_and_runs_nothing(tmp_pat
     positions = [text.index(f"] {s}: budget") for s in STAGES]
     assert positions == sorted(positions)
     assert positions[2] < text.index("pytest -m cuda") < positions[3]
-    assert positions[7] < text.index("reproduce guerguiev2017 --layers 1")
+    assert positions[7] < text.index("benchmarks/microcircuits.py") < positions[8]
+    assert positions[8] < text.index("reproduce guerguiev2017 --layers 1")
     assert not out.exists() and not work.exists(), "a dry run must not write anything"
 
 

@@ -19,9 +19,9 @@ SELF="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)/$(basename "${BASH_SOURCE[0]
 ROOT="$(cd "$(dirname "$SELF")/../.." && pwd)"
 PROG="benchmarks/device/run.sh"
 
-ALL_STAGES=(build info cuda-tests tests segregated fa-steps fa-lc reproduce)
+ALL_STAGES=(build info cuda-tests tests segregated fa-steps fa-lc microcircuits reproduce)
 declare -A DEFAULT_BUDGET=([build]=150 [info]=20 [cuda-tests]=60 [tests]=90 [segregated]=60
-                           [fa-steps]=45 [fa-lc]=30)
+                           [fa-steps]=45 [fa-lc]=30 [microcircuits]=35)
 declare -A DESCRIPTION=(
   [build]="build bpdl (and its CUDA kernels) against the machine's torch"
   [info]="nvidia-smi, bpdl info, the GPU as torch sees it"
@@ -30,12 +30,13 @@ declare -A DESCRIPTION=(
   [segregated]="segregated-dendrite benchmark (784-500-10, 784-500-100-10; spiking, rate)"
   [fa-steps]="feedback-alignment benchmark, training-step times (steps)"
   [fa-lc]="feedback-alignment benchmark, LocallyConnected2d kernels against the reference (lc)"
+  [microcircuits]="microcircuit full dynamics, fused kernels against the reference (784-500-10)"
   [reproduce]="bpdl reproduce guerguiev2017 --layers 1 (60 epochs; resumable)"
 )
-NEEDS_MNIST=" segregated reproduce "
+NEEDS_MNIST=" segregated microcircuits reproduce "
 declare -A OUTPUT_OF=([cuda-tests]=tests/cuda-tests.xml [tests]=tests/tests.xml
                       [segregated]=bench/segregated.csv [fa-steps]=bench/feedback_alignment_steps.csv
-                      [fa-lc]=bench/locally_connected.csv)
+                      [fa-lc]=bench/locally_connected.csv [microcircuits]=bench/microcircuits.csv)
 TORCH_SPEC=(torch==2.14.1 torchvision==0.29.1)
 BUILD_TOOLS=(numpy "scikit-build-core>=0.10" "pybind11>=2.12" ninja)
 KILL_GRACE=5       # seconds between the interrupt (SIGINT) at the budget and SIGKILL
@@ -68,10 +69,10 @@ environment:
   BPDL_DEVICE_PYTHON      interpreter (default: .device-venv/bin/python if present, else python3)
   BPDL_DEVICE             device for the benchmarks and the reproduction (default cuda)
   BPDL_DEVICE_WORK        scratch folder (default runs/device-work; keeps the resumable run)
-  BPDL_DEVICE_TOTAL       total budget in seconds (default 520); the reproduction gets the rest
+  BPDL_DEVICE_TOTAL       total budget in seconds (default 540); the reproduction gets the rest
   BPDL_BUDGET_<STAGE>     one stage's budget in seconds, STAGE in upper case with '_' for '-'
                           (BUILD=150 INFO=20 CUDA_TESTS=60 TESTS=90 SEGREGATED=60 FA_STEPS=45
-                          FA_LC=30; REPRODUCE: default the rest of the total)
+                          FA_LC=30 MICROCIRCUITS=35; REPRODUCE: default the rest of the total)
   BPDL_DEVICE_ARGS_<STAGE> extra arguments appended to a stage's command (word-split)
   BPDL_CUDA, BPDL_CUDA_ARCH  passed to the build (default BPDL_CUDA=ON when nvcc is found)
 EOF
@@ -131,7 +132,7 @@ fi
 OUT="$(abspath "${OUT_OPT:-${OUT:-runs/device}}")"
 WORK="$(abspath "${BPDL_DEVICE_WORK:-runs/device-work}")"
 DEV="${BPDL_DEVICE:-cuda}"
-TOTAL="${BPDL_DEVICE_TOTAL:-520}"
+TOTAL="${BPDL_DEVICE_TOTAL:-540}"
 [[ "$TOTAL" =~ ^[1-9][0-9]*$ ]] || die_usage "BPDL_DEVICE_TOTAL must be a positive whole number of seconds"
 
 resolve_python() {
@@ -342,6 +343,12 @@ st_fa_steps() {
 st_fa_lc() {
   extra_args fa-lc
   run_cmd "$PY" benchmarks/feedback_alignment.py lc --device "$DEV" --out "$WORK/bench" "${EXTRA[@]}"
+}
+
+st_microcircuits() {
+  extra_args microcircuits
+  run_cmd "$PY" benchmarks/microcircuits.py --device "$DEV" --data-dir "$DATA" --out "$WORK/bench" \
+    --lanes 1 10 32 256 "${EXTRA[@]}"
 }
 
 st_reproduce() {
@@ -606,6 +613,14 @@ if lc:
           f"rows no slower (no slower: {'met' if not slow else 'NOT met: ' + '; '.join(slow)})")
 else:
     print(f"  LocallyConnected2d: no {dev} rows")
+mcs = rows("microcircuits.csv")
+if mcs:
+    print(f"  microcircuit full dynamics on {dev}, fused kernels: "
+          + "; ".join(f"{r['lanes']} lanes {float(r['fused_us_per_example_step']):.2f} us per "
+                      f"example-step (x{float(r['speedup_vs_reference']):.1f} vs reference)"
+                      for r in mcs))
+else:
+    print(f"  microcircuits: no {dev} rows")
 steps = rows("feedback_alignment_steps.csv")
 if steps:
     worst = {}
