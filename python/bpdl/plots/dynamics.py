@@ -111,22 +111,7 @@ def plot_dynamics(trace: dict[str, Any], history: list[dict[str, Any]] | None = 
     axes[len(layers) - 1][0].set_xlabel("time step (forward phase, then target phase)")
     if angle_rows:
         ax, ax2 = axes[-1]
-        keys = ("angle_delta_example", "angle_bp")
-        for j, key in enumerate(keys):
-            names = sorted({n for rec in history for n, v in rec.get("layers", {}).items()
-                            if key in v})
-            for i, name in enumerate(names):
-                xs = [rec["epoch"] for rec in history if key in rec.get("layers", {}).get(name, {})]
-                ys = [rec["layers"][name][key] for rec in history
-                      if key in rec.get("layers", {}).get(name, {})]
-                ax.plot(xs, ys, "-" if j == 0 else "--", color=f"C{i}", marker=".",
-                        label=f"{name} {key}")
-        ax.axhline(90, color="grey", lw=0.8, ls=":")
-        ax.set_xlabel("epoch")
-        ax.set_ylabel("angle to backprop (degrees)")
-        ax.set_ylim(0, 120)
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=7)
+        _angle_panel(ax, history, ("angle_delta_example", "angle_bp"))
         ax2.axis("off")
     fig.suptitle(title or f"segregated dendrites: example {trace.get('example', 0)} "
                           f"(label {trace['label']}) after {trace.get('examples_trained', '?')} "
@@ -134,6 +119,25 @@ def plot_dynamics(trace: dict[str, Any], history: list[dict[str, Any]] | None = 
     if out is not None:
         save_figure(fig, out)
     return fig
+
+
+def _angle_panel(ax, history: list[dict[str, Any]], keys: tuple[str, ...]) -> None:
+    """Per-layer angles to backprop over training: one colour per layer, the first of ``keys``
+    solid and the others dashed (labelled by key when there are several)."""
+    for j, key in enumerate(keys):
+        names = sorted({n for rec in history for n, v in rec.get("layers", {}).items()
+                        if key in v})
+        for i, name in enumerate(names):
+            recs = [r for r in history if key in r.get("layers", {}).get(name, {})]
+            ax.plot([r["epoch"] for r in recs], [r["layers"][name][key] for r in recs],
+                    "-" if j == 0 else "--", color=f"C{i}", marker=".",
+                    label=f"{name} {key}" if len(keys) > 1 else name)
+    ax.axhline(90, color="grey", lw=0.8, ls=":")
+    ax.set_xlabel("epoch")
+    ax.set_ylabel("angle to backprop (degrees)")
+    ax.set_ylim(0, 120)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
 
 
 def plot_microcircuit_dynamics(trace: dict[str, Any], history: list[dict[str, Any]] | None = None,
@@ -194,20 +198,7 @@ def plot_microcircuit_dynamics(trace: dict[str, Any], history: list[dict[str, An
         row += 1
     axes[row - 1].set_xlabel("time (ms): free, then nudged")
     if angle_row:
-        ax = axes[row]
-        names = sorted({n for rec in history for n, v in rec.get("layers", {}).items()
-                        if "angle_update_bp" in v})
-        for i, name in enumerate(names):
-            recs = [r for r in history if "angle_update_bp" in r.get("layers", {}).get(name, {})]
-            ax.plot([r["epoch"] for r in recs], [r["layers"][name]["angle_update_bp"]
-                                                 for r in recs], color=f"C{i}", marker=".",
-                    label=name)
-        ax.axhline(90, color="grey", lw=0.8, ls=":")
-        ax.set_xlabel("epoch")
-        ax.set_ylabel("angle to backprop (deg)")
-        ax.set_ylim(0, 120)
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=7)
+        _angle_panel(axes[row], history, ("angle_update_bp",))
     fig.suptitle(title or f"dendritic microcircuit: example {trace.get('example', 0)} (label "
                           f"{trace['label']}) after {trace.get('examples_trained', '?')} "
                           f"training examples")
