@@ -493,8 +493,9 @@ class Evaluator:
         phase = getattr(s.learner, "phase", None)
         if phase is not None:
             rec["phase"] = phase  # what the rule trained in the pass just finished
-        for sch in list(s.schedulers.values())[:1]:  # the schedule's factor for the next step
-            rec["lr_factor"] = sch.get_last_lr()[0] / sch.base_lrs[0]
+        sch = next(iter(s.schedulers.values()), None)
+        if sch is not None:  # the schedule's factor for the next step (one for every optimiser)
+            rec["lr_factor"] = sch.lr_lambdas[0](sch.last_epoch)
         trained = state.examples - self.examples_mark
         dt_train = state.train_time - self.train_time_mark
         rec["examples_per_sec"] = trained / dt_train if trained > 0 and dt_train > 0 else None
