@@ -100,9 +100,13 @@ def test_online_chunks_equal_batch_one_steps(name, device):
 
 @pytest.mark.parametrize("isa", ["base", "avx2", "avx512"])
 @pytest.mark.parametrize("dtype", ["float32", "float64"])
-def test_every_cpu_instruction_set_trains_online_exactly(isa, dtype, monkeypatch):
+@pytest.mark.parametrize("mode", ["spiking", "rate"])
+def test_every_cpu_instruction_set_trains_online_exactly(isa, dtype, mode, monkeypatch):
+    """Each instruction set's SGD loops (masked vector blocks of columns, the transposes updated
+    in their place and W written back at the end) against batch-1 steps through torch.optim.SGD;
+    70 units and inputs 20 % nonzero cover full, partial and skipped blocks."""
     monkeypatch.setenv("BPDL_CPU_ISA", isa)
-    one, chunked = _pair(dict(hidden=(70,)), dtype=dtype)
+    one, chunked = _pair(dict(hidden=(70,), mode=mode), dtype=dtype)
     x, y = _data(9, one)
     _train_both(one, chunked, x, y, chunk=9)
     _assert_same_state(one, chunked)

@@ -138,8 +138,9 @@ Net<T> make_net(const std::vector<at::Tensor>& W, const std::vector<at::Tensor>&
   for (const auto& w : W) net.n.push_back(w.size(0));
   for (int m = 0; m < net.M; ++m) {
     net.W.push_back(W[m].const_data_ptr<T>());
-    net.WT.push_back(WT.empty() ? nullptr : WT[m].const_data_ptr<T>());
-    net.ldWT.push_back(WT.empty() ? 0 : WT[m].stride(0));
+    const bool has_t = static_cast<int>(WT.size()) > m && WT[m].defined();
+    net.WT.push_back(has_t ? WT[m].const_data_ptr<T>() : nullptr);
+    net.ldWT.push_back(has_t ? WT[m].stride(0) : 0);
     net.b.push_back(b[m].const_data_ptr<T>());
   }
   const bool broadcast = flags[kBroadcast] != 0;
@@ -214,6 +215,33 @@ std::vector<at::Tensor> transposed_all(const std::vector<at::Tensor>& W) {
   return out;
 }
 
+// W (rows, cols), contiguous, from its padded transpose WT (cols, ld): the tiled copy of
+// transposed_all the other way round (the inner loop writes W contiguously).
+template <typename T>
+void untranspose(const at::Tensor& WT, const at::Tensor& W) {
+  const int64_t rows = W.size(0), cols = W.size(1), ld = WT.stride(0);
+  const T* a = WT.const_data_ptr<T>();
+  T* o = W.mutable_data_ptr<T>();
+  constexpr int64_t kTile = 32;
+  at::parallel_for(0, (rows + kTile - 1) / kTile, 1, [&](int64_t lo, int64_t hi) {
+    for (int64_t bi = lo; bi < hi; ++bi) {
+      const int64_t i0 = bi * kTile, i1 = std::min(rows, i0 + kTile);
+      for (int64_t j0 = 0; j0 < cols; j0 += kTile) {
+        const int64_t j1 = std::min(cols, j0 + kTile);
+        for (int64_t i = i0; i < i1; ++i)
+          for (int64_t j = j0; j < j1; ++j) o[i * cols + j] = a[j * ld + i];
+      }
+    }
+  });
+}
+
+// The transposes the training kernels read: every layer's in spiking mode (the event-driven
+// basal input), the first layer's in rate mode (its drive, rate_drive in segregated_cpu_impl.h).
+std::vector<at::Tensor> training_transposes(const std::vector<at::Tensor>& W, bool spiking_ff) {
+  if (spiking_ff) return transposed_all(W);
+  return transposed_all({W[0]});
+}
+
 // ---- fused training example -----------------------------------------------------------------------
 
 std::vector<at::Tensor> train_example_cpu(
@@ -227,13 +255,13 @@ std::vector<at::Tensor> train_example_cpu(
   check_train_args(W_, b_, Y_, c_, x_rate_, target_, kappa, in_ring, rings, C, lam, A, step,
                    lane_key_, lengths_, windows_, offsets_, seed, params, flags, need_train,
                    need_test);
-  const HostNet h = host_net(W_, b_, Y_, c_, x_rate_, lane_key_, flags);
+  const HostNet h = host_net(W_, b_, Y_, c_, x_rate_, lane_key_, flags, /*with_rate_drive=*/false);
   const auto& [W, b, Y, c, x_rate, lane_key, B0const, M, B] = h;
   const auto offsets = contiguous_all(offsets_);
   const at::Tensor target = target_.contiguous();
   const at::Tensor lengths = lengths_.contiguous();
   const at::Tensor windows = windows_.contiguous();
-  const auto WT = flags[kSpikingFF] != 0 ? transposed_all(W) : std::vector<at::Tensor>();
+  const auto WT = training_transposes(W, flags[kSpikingFF] != 0);
   std::vector<at::Tensor> out = train_outputs(h);
   if (B == 0) return out;
   const std::vector<double> prm(params.begin(), params.end());
@@ -646,9 +674,15 @@ std::vector<at::Tensor> train_online_cpu(
   const auto offsets = contiguous_all(offsets_);
   // one lane's view of the network (the weights are contiguous: updated in place below)
   HostNet h = host_net(W_, b_, Y_, c_, x_all.narrow(0, 0, std::min<int64_t>(K, 1)), lane_key_,
-                       flags);
+                       flags, /*with_rate_drive=*/false);
   const bool spiking_ff = flags[kSpikingFF] != 0;
-  const auto WT = spiking_ff ? transposed_all(h.W) : std::vector<at::Tensor>();
+  const auto WT = training_transposes(h.W, spiking_ff);
+  // Between examples the kernels read a layer's W only through its transpose where it has one
+  // (WT[m] defined), unless an update reads W itself (the backprop kind's error, symmetric
+  // feedback): otherwise only the transpose is updated and W is written from it at the end.
+  bool defer = !symmetric;
+  for (int m = 0; m < M; ++m) defer = defer && kinds[m] != kKindBackprop;
+  auto has_t = [&](int m) { return static_cast<int>(WT.size()) > m && WT[m].defined(); };
   std::vector<at::Tensor> avg = train_outputs(h);
   const int64_t n_out = h.W[M - 1].size(0);
   at::Tensor lam_out = at::empty({K, n_out}, x_all.options());
@@ -677,12 +711,10 @@ std::vector<at::Tensor> train_online_cpu(
     int64_t* step_p = step.mutable_data_ptr<int64_t>();
     const int64_t* key_p = lane_key_.const_data_ptr<int64_t>();
     const int64_t order = 0;
-    std::vector<int64_t> cols;
+    std::vector<uint32_t> blocks;
     for (int64_t k = 0; k < K; ++k) {
       // the example: its input, target, phase plan and (rates in) first-layer drive
-      const at::Tensor x_k = x_all.narrow(0, k, 1);
-      const at::Tensor B0 = spiking_ff ? at::Tensor()
-                                       : at::addmm(h.b[0], x_k, h.W[0].t()).contiguous();
+      const at::Tensor B0;  // rate mode: the kernels compute the drive from WT[0]
       std::vector<const int64_t*> off_p;
       for (int m = 0; m < static_cast<int>(offsets.size()); ++m)
         off_p.push_back(offsets[m].const_data_ptr<int64_t>() + k * 2 * h.W[m].size(0));
@@ -707,16 +739,13 @@ std::vector<at::Tensor> train_online_cpu(
         T* ep = e[m].mutable_data_ptr<T>();
         for (int64_t j = 0; j < rows; ++j) ep[j] = s_m * ep[j];  // scale * e: the bias gradient
         const T* P = avg[4 * M + m].const_data_ptr<T>();
-        cols.clear();
-        for (int64_t i = 0; i < n_in; ++i)
-          if (P[i] != T(0)) cols.push_back(i);
-        T* wt = spiking_ff ? WT[m].mutable_data_ptr<T>() : nullptr;
-        const int64_t ld = spiking_ff ? WT[m].stride(0) : 0;
+        T* wt = has_t(m) ? WT[m].mutable_data_ptr<T>() : nullptr;
+        const int64_t ld = has_t(m) ? WT[m].stride(0) : 0;
+        T* w = defer && has_t(m) ? nullptr : h.W[m].mutable_data_ptr<T>();
         const bool fused = aten_add_is_fused<T>();
         with_best_isa([&](auto isa) {
-          decltype(isa)::template sgd_columns<T>(fused, h.W[m].mutable_data_ptr<T>(), rows, n_in,
-                                                 wt, ld, static_cast<const T*>(ep), P, cols.data(),
-                                                 static_cast<int64_t>(cols.size()), alpha);
+          decltype(isa)::template sgd_columns<T>(fused, w, rows, n_in,
+                                                 wt, ld, static_cast<const T*>(ep), P, alpha, blocks);
           decltype(isa)::template sgd_vector<T>(fused, h.b[m].mutable_data_ptr<T>(),
                                                 static_cast<const T*>(ep), rows, alpha);
         });
@@ -726,6 +755,9 @@ std::vector<at::Tensor> train_online_cpu(
       }
       if (symmetric) online_symmetric_feedback(h.W, h.Y, masks, flags[kBroadcast] != 0, sparse_gain);
     }
+    if (defer)  // W from its updated transpose (the same values: every update was made on both)
+      for (int m = 0; m < M; ++m)
+        if (has_t(m)) untranspose<T>(WT[m], h.W[m]);
   });
   result = avg;
   result.push_back(lam_out);

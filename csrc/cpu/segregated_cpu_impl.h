@@ -156,15 +156,27 @@ inline void psp_int8(T* __restrict__ out, const int8_t* __restrict__ ring, const
   }
 }
 
-// out = bias + M v for a row-major (rows, cols) matrix; zero entries of v are skipped.
+// out = bias + M v for a row-major (rows, cols) matrix. Each row's dot product keeps one
+// vector's worth of partial sums (column c goes to sum c mod kAcc; the columns past the last
+// whole group to a separate tail sum), reduced pairwise in a fixed order: the same sums in the
+// same order on every call, so a lane's result does not depend on anything else, and no long
+// chain of dependent additions.
 template <typename T>
 inline void matvec(T* __restrict__ out, const T* bias, const T* __restrict__ M,
                    const T* __restrict__ v, int64_t rows, int64_t cols) {
+  constexpr int kAcc = 64 / sizeof(T);  // 16 floats or 8 doubles
   for (int64_t r = 0; r < rows; ++r) {
     const T* row = M + r * cols;
-    T acc = T(0);
-    for (int64_t c = 0; c < cols; ++c) acc += row[c] * v[c];
-    out[r] = bias ? acc + bias[r] : acc;
+    T acc[kAcc] = {};
+    int64_t c = 0;
+    for (; c + kAcc <= cols; c += kAcc)
+      for (int k = 0; k < kAcc; ++k) acc[k] += row[c + k] * v[c + k];
+    T tail = T(0);
+    for (; c < cols; ++c) tail += row[c] * v[c];
+    for (int w = kAcc / 2; w >= 1; w /= 2)
+      for (int k = 0; k < w; ++k) acc[k] += acc[k + w];
+    const T total = acc[0] + tail;
+    out[r] = bias ? total + bias[r] : total;
   }
 }
 
@@ -195,6 +207,33 @@ inline void gather_rows(T* __restrict__ out, const T* __restrict__ WT, int64_t l
     for (int64_t j = 0; j < n; ++j) out[j] += c0 * r0[j] + c1 * r1[j] + c2 * r2[j] + c3 * r3[j];
   }
   for (; e < events; ++e) axpy(out, static_cast<T>(cnt[e]), WT + idx[e] * ld, n);
+}
+
+// The first layer's basal drive from input rates: out = b + sum_i x_i WT[i, :] over the inputs
+// with x_i != 0, in increasing i, four rows per pass over the output (rows `ld` apart). The
+// training paths (batched, batch-1 and online) all compute it this way, so they agree bit for
+// bit; reading only the rows of the nonzero inputs is what makes it cheaper than a dense product
+// for images (most MNIST pixels are zero).
+template <typename T>
+inline void rate_drive(T* __restrict__ out, const T* __restrict__ b, const T* __restrict__ WT,
+                       int64_t ld, const T* __restrict__ x, int64_t n_in, int64_t n,
+                       std::vector<int32_t>& idx) {
+  idx.clear();
+  for (int64_t i = 0; i < n_in; ++i)
+    if (x[i] != T(0)) idx.push_back(static_cast<int32_t>(i));
+  for (int64_t j = 0; j < n; ++j) out[j] = T(0);
+  const int64_t events = static_cast<int64_t>(idx.size());
+  int64_t e = 0;
+  for (; e + 4 <= events; e += 4) {
+    const T* r0 = WT + idx[e] * ld;
+    const T* r1 = WT + idx[e + 1] * ld;
+    const T* r2 = WT + idx[e + 2] * ld;
+    const T* r3 = WT + idx[e + 3] * ld;
+    const T c0 = x[idx[e]], c1 = x[idx[e + 1]], c2 = x[idx[e + 2]], c3 = x[idx[e + 3]];
+    for (int64_t j = 0; j < n; ++j) out[j] += (c0 * r0[j] + c1 * r1[j]) + (c2 * r2[j] + c3 * r3[j]);
+  }
+  for (; e < events; ++e) axpy(out, x[idx[e]], WT + idx[e] * ld, n);
+  for (int64_t j = 0; j < n; ++j) out[j] += b[j];
 }
 
 // Poisson count of mean `lambda` for the uniform of word `w`, knowing e^-lambda to ~1e-7
@@ -752,6 +791,10 @@ void train_lanes(const Net<T>& net, std::atomic<int64_t>& next, int64_t B, const
   const int H = M - 1;
   Scratch<T> s(net);
   const int taps = net.taps;
+  // rate mode: the first layer's drive of each lane from W_0^T (rate_drive)
+  const bool own_drive = !net.spiking_ff && !B0const.defined();
+  std::vector<T> drive(own_drive ? net.n[1] : 0);
+  std::vector<int32_t> drive_idx;
   // lanes are handed out one at a time, in `order`
   for (int64_t k = next.fetch_add(1); k < B; k = next.fetch_add(1)) {
     const int64_t bl = order[k];
@@ -768,6 +811,10 @@ void train_lanes(const Net<T>& net, std::atomic<int64_t>& next, int64_t B, const
     const T* x = x_rate + bl * net.n[0];
     const T* teach = target + bl * net.n[M];
     const T* b0 = B0const.defined() ? B0const.const_data_ptr<T>() + bl * net.n[1] : nullptr;
+    if (own_drive) {
+      rate_drive(drive.data(), net.b[0], net.WT[0], net.ldWT[0], x, net.n[0], net.n[1], drive_idx);
+      b0 = drive.data();
+    }
     input_groups(net, s, x);
     rebuild_R(net, s, lp);
     for (int phase = 0; phase < 2; ++phase) {
@@ -859,47 +906,120 @@ __attribute__((optimize("fp-contract=off"))) inline T axpy_unfused(T g, T alpha,
 }
 
 // One example's SGD step on a weight matrix W (rows x ncols_W, row-major) and, when given, on
-// its padded transpose WT (ncols_W x ldWT): for every column i in `cols` and every row j,
+// its padded transpose WT (ncols_W x ldWT; either may be null, for a matrix whose copy is
+// updated later): for every column i with P[i] != 0 and every row j,
 //   w <- w + alpha g,  g = se[j] * P[i]  (se = scale * e),
 // which is, element for element, what ATen's W.add_(g, alpha) computes for the gradient
 // g = addmm(alpha=scale, e^T, P) of one lane (the scale rides on e). Columns with P[i] = 0
-// have g = 0 and are skipped: W keeps its values there. With a transpose, column by column (a
-// row of WT is written in order; WT's padded row stride is a power of two, so walking down its
-// columns instead would keep evicting its own lines); without, row by row (W read in order).
+// have g = 0 and are skipped: W keeps its values there. W is updated row by row in blocks of
+// one vector of columns: the blocks with no nonzero P are skipped and the others are loaded,
+// updated and stored under the mask of their nonzero columns (the vector builds, float). WT,
+// when given, is updated row by row too (a row of WT is a column of W, contiguous in j) with the
+// same arithmetic, so it stays W's exact transpose. The function is compiled without
+// floating-point contraction, so the unfused variant rounds g alpha and the sum separately; the
+// fused one uses explicit fused multiply-adds.
 template <typename T, bool Fused>
-void sgd_columns_impl(T* W, int64_t rows, int64_t ncols_W, T* WT, int64_t ldWT, const T* se,
-                      const T* P, const int64_t* cols, int64_t ncols, T alpha) {
-  if (WT) {
-    for (int64_t k = 0; k < ncols; ++k) {
-      const int64_t i = cols[k];
-      const T p = P[i];
-      T* wt = WT + i * ldWT;
-      for (int64_t j = 0; j < rows; ++j) {
-        const T g = se[j] * p;
-        T* w = W + j * ncols_W + i;
-        *w = Fused ? axpy_fused(g, alpha, *w) : axpy_unfused(g, alpha, *w);
-        wt[j] = *w;
-      }
-    }
-    return;
+__attribute__((optimize("fp-contract=off"))) void sgd_columns_impl(
+    T* W, int64_t rows, int64_t ncols_W, T* WT, int64_t ldWT, const T* se, const T* P, T alpha,
+    std::vector<uint32_t>& blocks) {
+  constexpr int64_t kW = 16;  // columns per block (one AVX-512 vector of floats)
+  const int64_t nb = (ncols_W + kW - 1) / kW;
+  blocks.clear();
+  for (int64_t bk = 0; bk < nb; ++bk) {  // (block index << 16) | mask of its nonzero columns
+    uint32_t mask = 0;
+    const int64_t end = std::min(ncols_W, (bk + 1) * kW);
+    for (int64_t i = bk * kW; i < end; ++i) mask |= static_cast<uint32_t>(P[i] != T(0)) << (i - bk * kW);
+    if (mask) blocks.push_back(static_cast<uint32_t>(bk << 16) | mask);
   }
-  for (int64_t j = 0; j < rows; ++j) {
+  const int64_t nblocks = static_cast<int64_t>(blocks.size());
+  for (int64_t j = 0; j < rows && W; ++j) {
     T* wrow = W + j * ncols_W;
     const T sej = se[j];
-    for (int64_t k = 0; k < ncols; ++k) {
-      const int64_t i = cols[k];
-      const T g = sej * P[i];
-      const T w = Fused ? axpy_fused(g, alpha, wrow[i]) : axpy_unfused(g, alpha, wrow[i]);
-      wrow[i] = w;
+    int64_t q = 0;
+#if defined(BPDL_SEG_IMPL_AVX512)
+    if constexpr (std::is_same_v<T, float>) {
+      const __m512 sv = _mm512_set1_ps(sej), av = _mm512_set1_ps(alpha);
+      for (; q < nblocks; ++q) {
+        const int64_t i0 = static_cast<int64_t>(blocks[q] >> 16) * kW;
+        const __mmask16 m = static_cast<__mmask16>(blocks[q] & 0xFFFFu);
+        const __m512 w = _mm512_maskz_loadu_ps(m, wrow + i0);
+        const __m512 g = _mm512_mul_ps(sv, _mm512_maskz_loadu_ps(m, P + i0));
+        const __m512 r = Fused ? _mm512_fmadd_ps(g, av, w) : _mm512_add_ps(w, _mm512_mul_ps(g, av));
+        _mm512_mask_storeu_ps(wrow + i0, m, r);
+      }
+    }
+#elif defined(BPDL_SEG_IMPL_AVX2)
+    if constexpr (std::is_same_v<T, float>) {
+      const __m256 sv = _mm256_set1_ps(sej), av = _mm256_set1_ps(alpha);
+      const __m256i bit = _mm256_setr_epi32(1, 2, 4, 8, 16, 32, 64, 128);
+      for (; q < nblocks; ++q) {
+        const int64_t b0 = static_cast<int64_t>(blocks[q] >> 16) * kW;
+        for (int half = 0; half < 2; ++half) {
+          const int bits = static_cast<int>((blocks[q] >> (8 * half)) & 0xFFu);
+          if (!bits) continue;
+          const int64_t i0 = b0 + 8 * half;
+          const __m256i m = _mm256_cmpeq_epi32(_mm256_and_si256(_mm256_set1_epi32(bits), bit), bit);
+          const __m256 w = _mm256_maskload_ps(wrow + i0, m);
+          const __m256 g = _mm256_mul_ps(sv, _mm256_maskload_ps(P + i0, m));
+          const __m256 r = Fused ? _mm256_fmadd_ps(g, av, w) : _mm256_add_ps(w, _mm256_mul_ps(g, av));
+          _mm256_maskstore_ps(wrow + i0, m, r);
+        }
+      }
+    }
+#endif
+    for (; q < nblocks; ++q) {  // scalar: the set bits of each block
+      const int64_t i0 = static_cast<int64_t>(blocks[q] >> 16) * kW;
+      for (uint32_t bits = blocks[q] & 0xFFFFu; bits; bits &= bits - 1) {
+        const int64_t i = i0 + __builtin_ctz(bits);
+        const T g = sej * P[i];
+        wrow[i] = Fused ? axpy_fused(g, alpha, wrow[i]) : static_cast<T>(wrow[i] + g * alpha);
+      }
+    }
+  }
+  if (!WT) return;
+  for (int64_t q = 0; q < nblocks; ++q) {
+    const int64_t i0 = static_cast<int64_t>(blocks[q] >> 16) * kW;
+    for (uint32_t bits = blocks[q] & 0xFFFFu; bits; bits &= bits - 1) {
+      const int64_t i = i0 + __builtin_ctz(bits);
+      const T p = P[i];
+      T* wt = WT + i * ldWT;
+      int64_t j = 0;
+#if defined(BPDL_SEG_IMPL_AVX512)
+      if constexpr (std::is_same_v<T, float>) {
+        const __m512 pv = _mm512_set1_ps(p), av = _mm512_set1_ps(alpha);
+        for (; j < rows; j += 16) {
+          const __mmask16 m = rows - j >= 16 ? __mmask16(0xFFFF)
+                                             : static_cast<__mmask16>((1u << (rows - j)) - 1u);
+          const __m512 w = _mm512_maskz_loadu_ps(m, wt + j);
+          const __m512 g = _mm512_mul_ps(_mm512_maskz_loadu_ps(m, se + j), pv);
+          const __m512 r = Fused ? _mm512_fmadd_ps(g, av, w) : _mm512_add_ps(w, _mm512_mul_ps(g, av));
+          _mm512_mask_storeu_ps(wt + j, m, r);
+        }
+      }
+#elif defined(BPDL_SEG_IMPL_AVX2)
+      if constexpr (std::is_same_v<T, float>) {
+        const __m256 pv = _mm256_set1_ps(p), av = _mm256_set1_ps(alpha);
+        for (; j + 8 <= rows; j += 8) {
+          const __m256 w = _mm256_loadu_ps(wt + j);
+          const __m256 g = _mm256_mul_ps(_mm256_loadu_ps(se + j), pv);
+          const __m256 r = Fused ? _mm256_fmadd_ps(g, av, w) : _mm256_add_ps(w, _mm256_mul_ps(g, av));
+          _mm256_storeu_ps(wt + j, r);
+        }
+      }
+#endif
+      for (; j < rows; ++j) {
+        const T g = se[j] * p;
+        wt[j] = Fused ? axpy_fused(g, alpha, wt[j]) : static_cast<T>(wt[j] + g * alpha);
+      }
     }
   }
 }
 
 template <typename T>
 void sgd_columns(bool fused, T* W, int64_t rows, int64_t ncols_W, T* WT, int64_t ldWT,
-                 const T* se, const T* P, const int64_t* cols, int64_t ncols, T alpha) {
-  if (fused) sgd_columns_impl<T, true>(W, rows, ncols_W, WT, ldWT, se, P, cols, ncols, alpha);
-  else sgd_columns_impl<T, false>(W, rows, ncols_W, WT, ldWT, se, P, cols, ncols, alpha);
+                 const T* se, const T* P, T alpha, std::vector<uint32_t>& blocks) {
+  if (fused) sgd_columns_impl<T, true>(W, rows, ncols_W, WT, ldWT, se, P, alpha, blocks);
+  else sgd_columns_impl<T, false>(W, rows, ncols_W, WT, ldWT, se, P, alpha, blocks);
 }
 
 // v <- v + alpha g for a vector (a bias).

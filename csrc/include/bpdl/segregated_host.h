@@ -28,7 +28,9 @@ struct HostNet {
   std::vector<at::Tensor> W, b, Y, c;
   at::Tensor x_rate, lane_key;
   // b_0 + x_rate W_0^T when the feedforward input is rates, not spikes (then the first layer's
-  // basal drive is the same at every step); undefined in spiking mode.
+  // basal drive is the same at every step); undefined in spiking mode, and when the caller
+  // computes the drive itself (with_rate_drive false: the CPU training paths, which compute it
+  // per lane from W_0^T).
   at::Tensor B0const;
   int M = 0;        // layers
   int64_t B = 0;    // lanes
@@ -36,7 +38,7 @@ struct HostNet {
 
 inline HostNet host_net(at::TensorList W, at::TensorList b, at::TensorList Y, at::TensorList c,
                         const at::Tensor& x_rate, const at::Tensor& lane_key,
-                        at::IntArrayRef flags) {
+                        at::IntArrayRef flags, bool with_rate_drive = true) {
   HostNet net;
   net.W = contiguous_all(W);
   net.b = contiguous_all(b);
@@ -46,7 +48,7 @@ inline HostNet host_net(at::TensorList W, at::TensorList b, at::TensorList Y, at
   net.lane_key = lane_key.contiguous();
   net.M = static_cast<int>(net.W.size());
   net.B = net.x_rate.size(0);
-  if (flags[kSpikingFF] == 0)
+  if (flags[kSpikingFF] == 0 && with_rate_drive)
     net.B0const = at::addmm(net.b[0], net.x_rate, net.W[0].t()).contiguous();
   return net;
 }
