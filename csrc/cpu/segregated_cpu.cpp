@@ -165,10 +165,27 @@ Net<T> make_net(const std::vector<at::Tensor>& W, const std::vector<at::Tensor>&
   return net;
 }
 
+// o[c * ldo + r] = a[r * lda + c] for a (rows, cols) matrix a, in 32 x 32 tiles (the columns'
+// tiles shared out over the threads; Isa::transpose_tile moves 8 x 8 blocks in registers).
+template <typename T>
+void transpose_tiles(const T* a, int64_t lda, T* o, int64_t ldo, int64_t rows, int64_t cols) {
+  constexpr int64_t kTile = 32;
+  at::parallel_for(0, (cols + kTile - 1) / kTile, 1, [&](int64_t lo, int64_t hi) {
+    with_best_isa([&](auto isa) {
+      for (int64_t bj = lo; bj < hi; ++bj) {
+        const int64_t j0 = bj * kTile, j1 = std::min(cols, j0 + kTile);
+        for (int64_t i0 = 0; i0 < rows; i0 += kTile)
+          decltype(isa)::template transpose_tile<T>(a, lda, o, ldo, i0, std::min(rows, i0 + kTile),
+                                                    j0, j1);
+      }
+    });
+  });
+}
+
 // W^T as (in, out) matrices with padded rows, so that the event-driven basal input reads W's
 // columns as rows. Runs once per minibatch on the largest matrices, so two things matter: a
-// 32x32-tiled copy whose inner loop writes contiguously (ATen's strided copy of w.t() is several
-// times slower), and a destination that is not a fresh allocation each time: the pages of a new
+// tiled copy in registers (transpose_tiles; ATen's strided copy of w.t() is several times
+// slower), and a destination that is not a fresh allocation each time: the pages of a new
 // megabyte-sized buffer cost more to fault in than the copy itself. The transposes therefore
 // live in a workspace owned by the calling thread and reused by its next call; the returned
 // tensors are views of it, valid until that thread's next call (they never leave the op).
@@ -198,41 +215,19 @@ std::vector<at::Tensor> transposed_all(const std::vector<at::Tensor>& W) {
     AT_DISPATCH_FLOATING_TYPES(src.scalar_type(), "segregated_transpose", [&] {
       const scalar_t* a = src.const_data_ptr<scalar_t>();
       scalar_t* o = dst.mutable_data_ptr<scalar_t>();
-      constexpr int64_t kTile = 32;
-      at::parallel_for(0, (cols + kTile - 1) / kTile, 1, [&](int64_t lo, int64_t hi) {
-        for (int64_t bj = lo; bj < hi; ++bj) {
-          const int64_t j0 = bj * kTile, j1 = std::min(cols, j0 + kTile);
-          for (int64_t i0 = 0; i0 < rows; i0 += kTile) {
-            const int64_t i1 = std::min(rows, i0 + kTile);
-            for (int64_t j = j0; j < j1; ++j)
-              for (int64_t i = i0; i < i1; ++i) o[j * ld + i] = a[i * cols + j];
-          }
-        }
-      });
+      transpose_tiles<scalar_t>(a, cols, o, ld, rows, cols);
     });
     out.push_back(dst);
   }
   return out;
 }
 
-// W (rows, cols), contiguous, from its padded transpose WT (cols, ld): the tiled copy of
-// transposed_all the other way round (the inner loop writes W contiguously).
+// W (rows, cols), contiguous, from its padded transpose WT (cols, ld): transposed_all's tiled
+// copy the other way round.
 template <typename T>
 void untranspose(const at::Tensor& WT, const at::Tensor& W) {
   const int64_t rows = W.size(0), cols = W.size(1), ld = WT.stride(0);
-  const T* a = WT.const_data_ptr<T>();
-  T* o = W.mutable_data_ptr<T>();
-  constexpr int64_t kTile = 32;
-  at::parallel_for(0, (rows + kTile - 1) / kTile, 1, [&](int64_t lo, int64_t hi) {
-    for (int64_t bi = lo; bi < hi; ++bi) {
-      const int64_t i0 = bi * kTile, i1 = std::min(rows, i0 + kTile);
-      for (int64_t j0 = 0; j0 < cols; j0 += kTile) {
-        const int64_t j1 = std::min(cols, j0 + kTile);
-        for (int64_t i = i0; i < i1; ++i)
-          for (int64_t j = j0; j < j1; ++j) o[i * cols + j] = a[j * ld + i];
-      }
-    }
-  });
+  transpose_tiles<T>(WT.const_data_ptr<T>(), ld, W.mutable_data_ptr<T>(), cols, cols, rows);
 }
 
 // The transposes the training kernels read: every layer's in spiking mode (the event-driven

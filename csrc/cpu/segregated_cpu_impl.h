@@ -1029,8 +1029,61 @@ void sgd_vector(bool fused, T* v, const T* g, int64_t n, T alpha) {
     v[j] = fused ? axpy_fused(g[j], alpha, v[j]) : axpy_unfused(g[j], alpha, v[j]);
 }
 
+// o[c * ldo + r] = a[r * lda + c] for the rows [r0, r1) and columns [c0, c1) of a: one tile of a
+// transpose. The vector builds move floats in 8 x 8 blocks (unpack, shuffle and lane permutes
+// of eight rows in registers); the edges and doubles go one element at a time.
+template <typename T>
+void transpose_tile(const T* __restrict__ a, int64_t lda, T* __restrict__ o, int64_t ldo,
+                    int64_t r0, int64_t r1, int64_t c0, int64_t c1) {
+  int64_t r = r0;
+#if defined(BPDL_SEG_IMPL_AVX2)
+  if constexpr (std::is_same_v<T, float>) {
+    for (; r + 8 <= r1; r += 8) {
+      int64_t c = c0;
+      for (; c + 8 <= c1; c += 8) {
+        const float* p = a + r * lda + c;
+        const __m256 x0 = _mm256_loadu_ps(p), x1 = _mm256_loadu_ps(p + lda);
+        const __m256 x2 = _mm256_loadu_ps(p + 2 * lda), x3 = _mm256_loadu_ps(p + 3 * lda);
+        const __m256 x4 = _mm256_loadu_ps(p + 4 * lda), x5 = _mm256_loadu_ps(p + 5 * lda);
+        const __m256 x6 = _mm256_loadu_ps(p + 6 * lda), x7 = _mm256_loadu_ps(p + 7 * lda);
+        const __m256 t0 = _mm256_unpacklo_ps(x0, x1), t1 = _mm256_unpackhi_ps(x0, x1);
+        const __m256 t2 = _mm256_unpacklo_ps(x2, x3), t3 = _mm256_unpackhi_ps(x2, x3);
+        const __m256 t4 = _mm256_unpacklo_ps(x4, x5), t5 = _mm256_unpackhi_ps(x4, x5);
+        const __m256 t6 = _mm256_unpacklo_ps(x6, x7), t7 = _mm256_unpackhi_ps(x6, x7);
+        // s_k holds elements k and k + 4 of rows 0-3 (low lane) or 4-7
+        const __m256 s0 = _mm256_shuffle_ps(t0, t2, _MM_SHUFFLE(1, 0, 1, 0));
+        const __m256 s1 = _mm256_shuffle_ps(t0, t2, _MM_SHUFFLE(3, 2, 3, 2));
+        const __m256 s2 = _mm256_shuffle_ps(t1, t3, _MM_SHUFFLE(1, 0, 1, 0));
+        const __m256 s3 = _mm256_shuffle_ps(t1, t3, _MM_SHUFFLE(3, 2, 3, 2));
+        const __m256 s4 = _mm256_shuffle_ps(t4, t6, _MM_SHUFFLE(1, 0, 1, 0));
+        const __m256 s5 = _mm256_shuffle_ps(t4, t6, _MM_SHUFFLE(3, 2, 3, 2));
+        const __m256 s6 = _mm256_shuffle_ps(t5, t7, _MM_SHUFFLE(1, 0, 1, 0));
+        const __m256 s7 = _mm256_shuffle_ps(t5, t7, _MM_SHUFFLE(3, 2, 3, 2));
+        float* q = o + c * ldo + r;
+        _mm256_storeu_ps(q, _mm256_permute2f128_ps(s0, s4, 0x20));
+        _mm256_storeu_ps(q + ldo, _mm256_permute2f128_ps(s1, s5, 0x20));
+        _mm256_storeu_ps(q + 2 * ldo, _mm256_permute2f128_ps(s2, s6, 0x20));
+        _mm256_storeu_ps(q + 3 * ldo, _mm256_permute2f128_ps(s3, s7, 0x20));
+        _mm256_storeu_ps(q + 4 * ldo, _mm256_permute2f128_ps(s0, s4, 0x31));
+        _mm256_storeu_ps(q + 5 * ldo, _mm256_permute2f128_ps(s1, s5, 0x31));
+        _mm256_storeu_ps(q + 6 * ldo, _mm256_permute2f128_ps(s2, s6, 0x31));
+        _mm256_storeu_ps(q + 7 * ldo, _mm256_permute2f128_ps(s3, s7, 0x31));
+      }
+      for (; c < c1; ++c)
+        for (int64_t k = 0; k < 8; ++k) o[c * ldo + r + k] = a[(r + k) * lda + c];
+    }
+  }
+#endif
+  for (int64_t c = c0; c < c1; ++c)
+    for (int64_t i = r; i < r1; ++i) o[c * ldo + i] = a[i * lda + c];
+}
+
 // This instruction set's entry points as one type, for the run-time choice in segregated_cpu.cpp.
 struct Isa {
+  template <typename T, typename... Args>
+  static void transpose_tile(Args&&... args) {
+    BPDL_SEG_IMPL_NS::transpose_tile<T>(std::forward<Args>(args)...);
+  }
   template <typename T, typename... Args>
   static void sgd_columns(Args&&... args) {
     BPDL_SEG_IMPL_NS::sgd_columns<T>(std::forward<Args>(args)...);
