@@ -27,6 +27,7 @@ from __future__ import annotations
 import argparse
 import statistics
 import time
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -179,6 +180,8 @@ def main() -> None:
     ap.add_argument("--batch1-examples", type=int, default=256,
                     help="examples timed at batch 1 (one training step each)")
     ap.add_argument("--quick", action="store_true", help="fewer examples (a smoke run)")
+    ap.add_argument("--out", default=None,
+                    help="CSV to write (default benchmarks/results/segregated.csv)")
     ap.add_argument("--device", choices=("all", "cpu", "cuda"), default="all",
                     help="where bpdl is timed: all (default: the CPU, and CUDA when a GPU is "
                          "present), cpu or cuda")
@@ -238,7 +241,7 @@ def main() -> None:
                     row["speedup_vs_original_19_40ms_test"] = ORIGINAL_MS["test"][0] / k_test
                 rows.append(row)
                 print(row, flush=True)
-    out = HERE / "results" / "segregated.csv"
+    out = Path(args.out) if args.out else HERE / "results" / "segregated.csv"
     write_csv(out, rows)
     print(f"\n{machine()}; {today()}; batch {B}; wrote {out}\n")
     print("| network | mode | device | fused train | fused test | reference train | "
