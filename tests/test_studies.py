@@ -702,6 +702,46 @@ def test_compare_draws_the_grid_and_bars(mlp_study, tmp_path, capsys):
     assert studies[0]["stats"]["n"] == 4
 
 
+def _fake_study(rule, dataset, objectives, tests=()):
+    """A loaded study as the reports see it, from objective values (statistics computed by
+    study_statistics from a minimal definition)."""
+    from bpdl.studies.report import study_statistics
+
+    trials = [{"number": i, "status": "completed", "objective": o, "duration": 1.0,
+               "config": {}} for i, o in enumerate(objectives)]
+    study = {"name": f"{rule}-{dataset}", "status": "running", "definition": {
+        "rule": rule, "model": "mlp", "dataset": dataset, "space": {"name": "s", "version": 1},
+        "optimizer": "NGOpt", "budget": 50, "epochs": 10, "folds": 3}}
+    tests = [{"rank": r + 1, "trial": r, "objective": objectives[r], "mean": m, "std": 0.001,
+              "n": 3, "runs": 3} for r, m in enumerate(tests)]
+    return {"name": study["name"], "trials": trials, "tests": tests,
+            "stats": study_statistics(study, trials, [], tests)}
+
+
+def test_compare_bars_show_every_trial_the_chance_count_and_the_test_accuracy(tmp_path):
+    """T19's planned figure: a panel per dataset, bars per model, every trial as a point, the
+    count at chance under the bars, the best configurations' test accuracy as diamonds."""
+    from bpdl.studies.report import plot_compare_bars
+    from matplotlib.collections import PathCollection
+
+    studies = [_fake_study("bp", "mnist", [0.97, 0.96, 0.10, 0.95], tests=(0.971, 0.965)),
+               _fake_study("fa", "mnist", [0.93, 0.12, 0.11]),
+               _fake_study("bp", "fashion_mnist", [0.88, 0.87], tests=(0.879,))]
+    fig = plot_compare_bars(studies, tmp_path / "bars.png")
+    assert (tmp_path / "bars.png").stat().st_size > 500
+    axes = fig.axes
+    assert [ax.get_title() for ax in axes] == ["MNIST", "Fashion-MNIST"]
+    points = [sum(len(c.get_offsets()) for c in ax.collections if isinstance(c, PathCollection))
+              for ax in axes]
+    assert points == [7, 2]  # every completed trial
+    texts = [[t.get_text() for t in ax.texts] for ax in axes]
+    assert texts[0] == ["n=4\n# chance 1", "n=3\n# chance 2"]
+    assert texts[1] == ["n=2\n# chance 0"]
+    diamonds = [line for ax in axes for line in ax.lines if line.get_marker() == "D"]
+    assert sorted(len(line.get_ydata()) for line in diamonds) == [1, 2]
+    assert list(diamonds[0].get_ydata()) == [0.971, 0.965]
+
+
 def test_t19_bayesian_optimiser_runs_a_study(tmp_path, real_data_root):
     """T19's GP-UCB (Matern 2.5, kappa 2.5) is offered by name and drives a study."""
     from bpdl.studies.runner import T19_BAYES, optimizer_names, resolve_optimizer

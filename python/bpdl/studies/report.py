@@ -337,35 +337,68 @@ def plot_compare_grid(studies: Sequence[dict[str, Any]], out: str | os.PathLike,
 
 def plot_compare_bars(studies: Sequence[dict[str, Any]], out: str | os.PathLike,
                       title: str | None = None):
-    """Best, mean (error bar: population std) and worst objective per rule/model and dataset."""
+    """T19's planned summary figure, one panel per dataset: per rule/model the best, mean
+    (error bar: population std) and worst objective as bars, every completed trial as a point,
+    the number of trials at chance (<= 0.15) under the bars, and the held-out test accuracy of
+    the best configurations (mean +- std over their seeds) as diamonds."""
     import numpy as np
     from matplotlib.figure import Figure
 
     from bpdl.plots import save_figure
 
     labels = _labels(studies)
-    rows = [(s["stats"], lab) for s, lab in zip(studies, labels, strict=True)
-            if s["stats"]["completed"]]
-    rows.sort(key=lambda r: (_dataset_rank(r[0]["dataset"]), r[1]))
-    fig = Figure(figsize=(max(5.0, 1.2 * len(rows) + 2), 4))
-    ax = fig.subplots()
-    x = np.arange(len(rows))
+    members = [(s, lab) for s, lab in zip(studies, labels, strict=True)
+               if s["stats"]["completed"]]
+    datasets = _ordered_datasets([s for s, _ in members])
+    groups = {d: sorted([(s, lab) for s, lab in members if s["stats"]["dataset"] == d],
+                        key=lambda m: m[1]) for d in datasets}
+    widest = max((len(g) for g in groups.values()), default=1)
+    fig = Figure(figsize=(max(5.0, 1.6 * sum(max(len(g), 1) for g in groups.values()) + 2),
+                          4.4))
+    axes = fig.subplots(1, max(len(datasets), 1), squeeze=False, sharey=True,
+                        gridspec_kw={"width_ratios": [max(len(groups[d]), 1) for d in datasets]
+                                     or [1]})[0]
     width = 0.26
-    best = [r["best"] for r, _ in rows]
-    mean = [r["mean"] for r, _ in rows]
-    std = [r["std"] for r, _ in rows]
-    worst = [r["worst"] for r, _ in rows]
-    ax.bar(x - width, best, width, label="best", color="#2a9d8f")
-    ax.bar(x, mean, width, yerr=std, capsize=3, label="mean +- std", color="#e9c46a")
-    ax.bar(x + width, worst, width, label="worst", color="#e76f51")
-    ax.set_xticks(x, [f"{lab}\n{_DATASET_TITLES.get(r['dataset'], r['dataset'])}"
-                      for r, lab in rows], fontsize=8)
-    ax.axhline(CHANCE_ACCURACY, color="grey", ls=":", lw=0.8)
-    ax.set_ylim(0, 1.18)
-    ax.set_ylabel("k-fold validation accuracy")
-    ax.legend(fontsize=8, ncol=3, loc="upper center")
-    ax.set_title(textwrap.fill(title or "objective across the search: best, mean and worst "
-                               "per rule", width=int(12 * len(rows) + 40)), fontsize=10)
+    rng = np.random.default_rng(0)  # the points' horizontal jitter only
+    for ax, dataset in zip(axes, datasets, strict=False):
+        rows = groups[dataset]
+        x = np.arange(len(rows))
+        stats = [s["stats"] for s, _ in rows]
+        ax.bar(x - width, [r["best"] for r in stats], width, label="best", color="#2a9d8f")
+        ax.bar(x, [r["mean"] for r in stats], width, yerr=[r["std"] for r in stats], capsize=3,
+               label="mean +- std", color="#e9c46a")
+        ax.bar(x + width, [r["worst"] for r in stats], width, label="worst", color="#e76f51")
+        for i, (s, _) in enumerate(rows):
+            objs = [t["objective"] for t in s["trials"] if t["status"] == "completed"
+                    and t["objective"] is not None]
+            ax.scatter(i + rng.uniform(-1.4 * width, 1.4 * width, len(objs)), objs, s=7,
+                       color="black", alpha=0.45, zorder=3, linewidths=0,
+                       label="trial" if i == 0 else None)
+            tested = [t for t in s["tests"] if t["n"]]
+            if tested:
+                ax.errorbar(i + 1.7 * width + 0.04 * np.arange(len(tested)),
+                            [t["mean"] for t in tested], yerr=[t["std"] for t in tested],
+                            fmt="D", ms=4, color="#264653", capsize=2, zorder=4,
+                            label="test acc. (best configs)" if i == 0 else None)
+            ax.text(i, 0.03, f"n={stats[i]['completed']}\n# chance {stats[i]['chance']}",
+                    ha="center", va="bottom", fontsize=7)
+        ax.set_xticks(x, [lab for _, lab in rows], fontsize=8)
+        ax.set_xlim(-0.6, len(rows) - 0.4 + (0.3 if widest else 0))
+        ax.axhline(CHANCE_ACCURACY, color="grey", ls=":", lw=0.8)
+        ax.set_title(_DATASET_TITLES.get(dataset, dataset), fontsize=10)
+    axes[0].set_ylim(0, 1.18)
+    axes[0].set_ylabel("k-fold validation accuracy")
+    handles, names = [], []
+    for ax in axes:
+        for h, n in zip(*ax.get_legend_handles_labels(), strict=True):
+            if n not in names:
+                handles.append(h)
+                names.append(n)
+    axes[0].legend(handles, names, fontsize=7, ncol=5, loc="upper left")
+    fig.suptitle(textwrap.fill(title or "objective across the search: best, mean and worst "
+                               "per rule, every trial, and the best configurations on the "
+                               "test set", width=int(25 * widest * len(datasets) + 60)),
+                 fontsize=10)
     fig.tight_layout()
     save_figure(fig, out)
     return fig
