@@ -254,6 +254,32 @@ def test_every_cpu_instruction_set_matches_reference(monkeypatch, isa, dtype):
                                seg.simulate_test(W, b, Y, c, x, 4, keys, p, dtype), **TOL[dtype])
 
 
+@pytest.mark.parametrize("isa", ["base", "avx2", "avx512"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_every_cpu_instruction_set_matches_reference_in_rate_mode(monkeypatch, isa, dtype):
+    """Rate mode's first-layer drive (from W_0^T over the nonzero inputs, four rows per pass)
+    and the upper layers' matrix-vector products (vector partial sums) on each instruction set:
+    101 inputs, half of them zero, and layers of 70 and 37 units leave remainders everywhere."""
+    monkeypatch.setenv("BPDL_CPU_ISA", isa)
+    p = seg.SimParams(sizes=(101, 70, 37, 10), **CONFIGS["rate_mode"])
+    B = 3
+    W, b, Y, c = _net(p.sizes, dtype, "cpu")
+    x = _inputs(B, p.sizes[0], dtype, "cpu")
+    target = torch.nn.functional.one_hot(torch.tensor([0, 4, 9]), 10).to(dtype)
+    lengths = torch.full((B, 2), 2)
+    keys = torch.arange(B)
+    ref = seg.LaneState.zeros(B, p, dtype, "cpu")
+    ker = seg.LaneState.zeros(B, p, dtype, "cpu")
+    for _example in range(2):
+        a = seg.simulate_training_example(W, b, Y, c, ref, x, target, lengths,
+                                          p.windows(lengths), None, 3, keys, p)
+        k = ops.segregated_train_example(W, b, Y, c, ker, x, target, lengths, p.windows(lengths),
+                                         None, 3, keys, p)
+        _assert_avg_close(a, k, dtype)
+    torch.testing.assert_close(ops.segregated_test(W, b, Y, c, x, 2, keys, p),
+                               seg.simulate_test(W, b, Y, c, x, 2, keys, p, dtype), **TOL[dtype])
+
+
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("config", ["default", "rate_mode", "apical_soma_bias", "layerwise_two_hidden"])
 def test_test_procedure_matches_reference(device, config):
