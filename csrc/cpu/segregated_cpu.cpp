@@ -750,7 +750,8 @@ std::vector<at::Tensor> train_online_cpu(
       }
       if (symmetric) online_symmetric_feedback(h.W, h.Y, masks, flags[kBroadcast] != 0, sparse_gain);
     }
-    if (defer)  // W from its updated transpose (the same values: every update was made on both)
+    if (defer)  // W from its transpose, which alone took this call's updates (an error thrown
+                // before this point leaves W as the call found it)
       for (int m = 0; m < M; ++m)
         if (has_t(m)) untranspose<T>(WT[m], h.W[m]);
   });
