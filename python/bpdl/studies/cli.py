@@ -116,8 +116,9 @@ def add_study_parser(sub: argparse._SubParsersAction) -> None:
 
     cmp_ = ssub.add_parser("compare", help="compare studies across rules and datasets",
                            description="Draw the rules-by-datasets grid (objective per "
-                                       "iteration, histogram, box plot) and a bar chart of "
-                                       "best/mean/worst across the studies of the databases.")
+                                       "iteration, histogram, box plot) and, per dataset, bars "
+                                       "of best/mean/worst with every trial, the count at "
+                                       "chance and the best configurations' test accuracy.")
     cmp_.add_argument("dbs", type=Path, nargs="+", help="study databases")
     cmp_.add_argument("--name", nargs="+", default=None, help="only these studies")
     cmp_.add_argument("--out", type=Path, default=Path("studies/compare"),
