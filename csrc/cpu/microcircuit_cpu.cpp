@@ -35,6 +35,7 @@
 #include "bpdl/cpu_isa.h"
 #include "bpdl/microcircuit.h"
 #include "bpdl/microcircuit_checks.h"
+#include "bpdl/microcircuit_host.h"
 #include "bpdl/philox.h"
 
 namespace bpdl {
@@ -273,24 +274,7 @@ void run_typed(at::TensorList weights, at::TensorList traces, at::TensorList sta
   const int64_t B = x.size(0);
   McNet<T> net;
   net.B = B;
-  net.g_lk = static_cast<T>(c[kGLk]);
-  net.g_B = static_cast<T>(c[kGB]);
-  net.g_A = static_cast<T>(c[kGA]);
-  net.g_D = static_cast<T>(c[kGD]);
-  net.g_som = static_cast<T>(c[kGSom]);
-  net.g_som_I = static_cast<T>(c[kGSomI]);
-  net.dt = static_cast<T>(c[kDt]);
-  const double a = c[kDt] / c[kTauW];
-  net.keep = static_cast<T>(1.0 - a);
-  net.a = static_cast<T>(a);
-  net.in_rate = static_cast<T>(c[kDt] / c[kTauIn]);
-  net.int_factor = static_cast<T>(c[kGD] / (c[kGLk] + c[kGD]));
-  const double sq = c[kSigma] * std::sqrt(c[kDt]);
-  net.sq = static_cast<T>(sq);
-  net.noise = sq != 0.0;
-  net.theta = static_cast<T>(c[kTheta]);
-  net.gamma = static_cast<T>(c[kGamma]);
-  net.beta = c[kBeta];
+  set_constants(net, c);
   net.example = example.const_data_ptr<int64_t>();
   net.seed = static_cast<uint64_t>(seed);
   net.x = x.const_data_ptr<T>();
@@ -309,52 +293,9 @@ void run_typed(at::TensorList weights, at::TensorList traces, at::TensorList sta
   net.R0[0] = R[0][0];
   net.R0[1] = R[0][1];
 
-  auto ptr = [&](at::TensorList list, int64_t i) -> T* {
-    return list[i].numel() ? list[i].mutable_data_ptr<T>() : nullptr;
-  };
-  auto rate = [&](int64_t i) { return static_cast<T>(c[kDt] * etas[i]); };
   for (int64_t k = 1; k <= N; ++k) {
     McLayer<T> ly;
-    ly.n = n[k];
-    ly.n_in = n[k - 1];
-    ly.n_up = k < N ? n[k + 1] : 0;
-    ly.W = ptr(weights, Lo.W(k));
-    ly.b = ptr(weights, Lo.b(k));
-    ly.T_W = ptr(traces, Lo.W(k));
-    ly.T_b = ptr(traces, Lo.b(k));
-    ly.c_W = rate(Lo.W(k));
-    ly.c_b = rate(Lo.b(k));
-    if (k < N) {
-      ly.W_td = ptr(weights, Lo.W_td(k));
-      ly.W_pi = ptr(weights, Lo.W_pi(k));
-      ly.T_pi = ptr(traces, Lo.W_pi(k));
-      ly.c_pi = rate(Lo.W_pi(k));
-      ly.R_up[0] = R[k + 1][0];
-      ly.R_up[1] = R[k + 1][1];
-      ly.RI_k[0] = RI[k][0];
-      ly.RI_k[1] = RI[k][1];
-    }
-    if (k >= 2) {
-      ly.W_ip = ptr(weights, Lo.W_ip(k - 1));
-      ly.b_ip = ptr(weights, Lo.b_ip(k - 1));
-      ly.T_ip = ptr(traces, Lo.W_ip(k - 1));
-      ly.T_bip = ptr(traces, Lo.b_ip(k - 1));
-      ly.c_ip = rate(Lo.W_ip(k - 1));
-      ly.c_bip = rate(Lo.b_ip(k - 1));
-      ly.u_I = ptr(state, Lo.u_I(k - 1));
-      ly.RI_own[0] = RI[k - 1][0];
-      ly.RI_own[1] = RI[k - 1][1];
-      ly.stream_I = interneuron_stream(k - 1);
-    }
-    ly.u = ptr(state, Lo.u(k));
-    if (k == N && u_trgt.has_value()) ly.u_trgt = u_trgt->const_data_ptr<T>();
-    ly.R[0] = R[k][0];
-    ly.R[1] = R[k][1];
-    ly.R_in[0] = R[k - 1][0];
-    ly.R_in[1] = R[k - 1][1];
-    const double g_A = k < N ? c[kGA] : 0.0;
-    ly.basal_factor = static_cast<T>(c[kGB] / (c[kGLk] + c[kGB] + g_A));
-    ly.stream_P = pyramidal_stream(k);
+    set_layer<T>(ly, k, Lo, n, weights, traces, state, etas, c, u_trgt, R, RI);
     net.layers.push_back(ly);
   }
 

@@ -26,6 +26,7 @@
 
 #include "bpdl/microcircuit.h"
 #include "bpdl/microcircuit_checks.h"
+#include "bpdl/microcircuit_host.h"
 #include "bpdl/philox.h"
 
 namespace bpdl {
@@ -294,63 +295,20 @@ void run_typed(at::TensorList weights, at::TensorList traces, at::TensorList sta
   std::vector<std::array<T*, 2>> R(N + 1), RI(N);
   for (int64_t k = 0; k <= N; ++k) R[k] = {buffer(B, n[k]), buffer(B, n[k])};
   for (int64_t k = 1; k < N; ++k) RI[k] = {buffer(B, n[k + 1]), buffer(B, n[k + 1])};
-  auto ptr = [&](at::TensorList list, int64_t i) -> T* {
-    return list[i].numel() ? list[i].mutable_data_ptr<T>() : nullptr;
-  };
-  auto rate = [&](int64_t i) { return static_cast<T>(c[kDt] * etas[i]); };
-
   std::vector<DevLayer<T>> layers(N);
   int64_t groups = 0;
   for (int64_t k = 1; k <= N; ++k) {
     DevLayer<T>& ly = layers[k - 1];
     std::memset(&ly, 0, sizeof(ly));
-    ly.n = n[k];
-    ly.n_in = n[k - 1];
-    ly.n_up = k < N ? n[k + 1] : 0;
+    set_layer<T>(ly, k, Lo, n, weights, traces, state, etas, c, u_trgt, R, RI);
     ly.first_group = groups;
     groups += (n[k] + kUnits - 1) / kUnits;
-    ly.W = ptr(weights, Lo.W(k));
-    ly.b = ptr(weights, Lo.b(k));
-    ly.T_W = ptr(traces, Lo.W(k));
-    ly.T_b = ptr(traces, Lo.b(k));
-    ly.c_W = rate(Lo.W(k));
-    ly.c_b = rate(Lo.b(k));
-    if (k < N) {
-      ly.W_td = ptr(weights, Lo.W_td(k));
-      ly.W_pi = ptr(weights, Lo.W_pi(k));
-      ly.T_pi = ptr(traces, Lo.W_pi(k));
-      ly.c_pi = rate(Lo.W_pi(k));
-      for (int s = 0; s < 2; ++s) {
-        ly.R_up[s] = R[k + 1][s];
-        ly.RI_k[s] = RI[k][s];
-      }
-    }
-    if (k >= 2) {
-      ly.W_ip = ptr(weights, Lo.W_ip(k - 1));
-      ly.b_ip = ptr(weights, Lo.b_ip(k - 1));
-      ly.T_ip = ptr(traces, Lo.W_ip(k - 1));
-      ly.T_bip = ptr(traces, Lo.b_ip(k - 1));
-      ly.c_ip = rate(Lo.W_ip(k - 1));
-      ly.c_bip = rate(Lo.b_ip(k - 1));
-      ly.u_I = ptr(state, Lo.u_I(k - 1));
-      for (int s = 0; s < 2; ++s) ly.RI_own[s] = RI[k - 1][s];
-      ly.stream_I = interneuron_stream(k - 1);
-    }
-    ly.u = ptr(state, Lo.u(k));
-    ly.u_trgt = (k == N && u_trgt.has_value()) ? u_trgt->const_data_ptr<T>() : nullptr;
-    for (int s = 0; s < 2; ++s) {
-      ly.R[s] = R[k][s];
-      ly.R_in[s] = R[k - 1][s];
-    }
     ly.vB = buffer(B, n[k]);
     ly.vA = buffer(B, n[k]);
     ly.vI = buffer(B, n[k]);
     ly.eW = buffer(B, n[k]);
     ly.eI = buffer(B, n[k]);
     ly.eA = buffer(B, n[k]);
-    const double g_A = k < N ? c[kGA] : 0.0;
-    ly.basal_factor = static_cast<T>(c[kGB] / (c[kGLk] + c[kGB] + g_A));
-    ly.stream_P = pyramidal_stream(k);
   }
   // the layer descriptors, copied to the device once per call
   const int64_t bytes = static_cast<int64_t>(sizeof(DevLayer<T>)) * N;
@@ -364,24 +322,7 @@ void run_typed(at::TensorList weights, at::TensorList traces, at::TensorList sta
   net.N = static_cast<int>(N);
   net.B = B;
   net.n0 = n[0];
-  net.g_lk = static_cast<T>(c[kGLk]);
-  net.g_B = static_cast<T>(c[kGB]);
-  net.g_A = static_cast<T>(c[kGA]);
-  net.g_D = static_cast<T>(c[kGD]);
-  net.g_som = static_cast<T>(c[kGSom]);
-  net.g_som_I = static_cast<T>(c[kGSomI]);
-  net.dt = static_cast<T>(c[kDt]);
-  const double a = c[kDt] / c[kTauW];
-  net.keep = static_cast<T>(1.0 - a);
-  net.a = static_cast<T>(a);
-  net.in_rate = static_cast<T>(c[kDt] / c[kTauIn]);
-  net.int_factor = static_cast<T>(c[kGD] / (c[kGLk] + c[kGD]));
-  const double sq = c[kSigma] * std::sqrt(c[kDt]);
-  net.sq = static_cast<T>(sq);
-  net.noise = sq != 0.0;
-  net.theta = static_cast<T>(c[kTheta]);
-  net.gamma = static_cast<T>(c[kGamma]);
-  net.beta = c[kBeta];
+  set_constants(net, c);
   net.example = example.const_data_ptr<int64_t>();
   net.seed = static_cast<uint64_t>(seed);
   net.x = x.const_data_ptr<T>();
