@@ -223,6 +223,28 @@ def test_train_example_float_dtypes(device, dtype):
     _assert_avg_close(a, k, dtype)
 
 
+def _two_examples_and_a_test(p, x, target, lengths, seed, test_seed, dtype, check_state=True):
+    """Two training examples (the second from the state the first left) and a test through the
+    kernels and the reference on the CPU, compared; returns the kernels' lane state."""
+    B = x.shape[0]
+    W, b, Y, c = _net(p.sizes, dtype, "cpu")
+    keys = torch.arange(B)
+    ref = seg.LaneState.zeros(B, p, dtype, "cpu")
+    ker = seg.LaneState.zeros(B, p, dtype, "cpu")
+    for _example in range(2):
+        a = seg.simulate_training_example(W, b, Y, c, ref, x, target, lengths,
+                                          p.windows(lengths), None, seed, keys, p)
+        k = ops.segregated_train_example(W, b, Y, c, ker, x, target, lengths, p.windows(lengths),
+                                         None, seed, keys, p)
+        if check_state:
+            _assert_state_equal(ref, ker, dtype)
+        _assert_avg_close(a, k, dtype)
+    torch.testing.assert_close(ops.segregated_test(W, b, Y, c, x, test_seed, keys, p),
+                               seg.simulate_test(W, b, Y, c, x, test_seed, keys, p, dtype),
+                               **TOL[dtype])
+    return ker
+
+
 @pytest.mark.parametrize("isa", ["base", "avx2", "avx512"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 def test_every_cpu_instruction_set_matches_reference(monkeypatch, isa, dtype):
@@ -234,24 +256,11 @@ def test_every_cpu_instruction_set_matches_reference(monkeypatch, isa, dtype):
     monkeypatch.setenv("BPDL_CPU_ISA", isa)
     p = seg.SimParams(sizes=(100, 70, 37, 10), forward_steps=30, target_steps=30, window=10,
                       lambda_max=1.5, test_steps=40, test_window=20)
-    B = 4
-    W, b, Y, c = _net(p.sizes, dtype, "cpu")
-    x = _inputs(B, p.sizes[0], dtype, "cpu") * 7.5
+    x = _inputs(4, p.sizes[0], dtype, "cpu") * 7.5
     target = torch.nn.functional.one_hot(torch.tensor([0, 1, 2, 9]), 10).to(dtype)
     lengths = torch.tensor([[30, 30], [31, 33], [35, 30], [30, 41]])
-    keys = torch.arange(B)
-    ref = seg.LaneState.zeros(B, p, dtype, "cpu")
-    ker = seg.LaneState.zeros(B, p, dtype, "cpu")
-    for _example in range(2):
-        a = seg.simulate_training_example(W, b, Y, c, ref, x, target, lengths,
-                                          p.windows(lengths), None, 9, keys, p)
-        k = ops.segregated_train_example(W, b, Y, c, ker, x, target, lengths, p.windows(lengths),
-                                         None, 9, keys, p)
-        _assert_state_equal(ref, ker, dtype)
-        _assert_avg_close(a, k, dtype)
+    ker = _two_examples_and_a_test(p, x, target, lengths, 9, 4, dtype)
     assert int((ker.rings[0] >= 3).sum()) > 0  # many-spike draws happened
-    torch.testing.assert_close(ops.segregated_test(W, b, Y, c, x, 4, keys, p),
-                               seg.simulate_test(W, b, Y, c, x, 4, keys, p, dtype), **TOL[dtype])
 
 
 @pytest.mark.parametrize("isa", ["base", "avx2", "avx512"])
@@ -262,22 +271,10 @@ def test_every_cpu_instruction_set_matches_reference_in_rate_mode(monkeypatch, i
     101 inputs, half of them zero, and layers of 70 and 37 units leave remainders everywhere."""
     monkeypatch.setenv("BPDL_CPU_ISA", isa)
     p = seg.SimParams(sizes=(101, 70, 37, 10), **CONFIGS["rate_mode"])
-    B = 3
-    W, b, Y, c = _net(p.sizes, dtype, "cpu")
-    x = _inputs(B, p.sizes[0], dtype, "cpu")
+    x = _inputs(3, p.sizes[0], dtype, "cpu")
     target = torch.nn.functional.one_hot(torch.tensor([0, 4, 9]), 10).to(dtype)
-    lengths = torch.full((B, 2), 2)
-    keys = torch.arange(B)
-    ref = seg.LaneState.zeros(B, p, dtype, "cpu")
-    ker = seg.LaneState.zeros(B, p, dtype, "cpu")
-    for _example in range(2):
-        a = seg.simulate_training_example(W, b, Y, c, ref, x, target, lengths,
-                                          p.windows(lengths), None, 3, keys, p)
-        k = ops.segregated_train_example(W, b, Y, c, ker, x, target, lengths, p.windows(lengths),
-                                         None, 3, keys, p)
-        _assert_avg_close(a, k, dtype)
-    torch.testing.assert_close(ops.segregated_test(W, b, Y, c, x, 2, keys, p),
-                               seg.simulate_test(W, b, Y, c, x, 2, keys, p, dtype), **TOL[dtype])
+    _two_examples_and_a_test(p, x, target, torch.full((3, 2), 2), 3, 2, dtype,
+                             check_state=False)
 
 
 @pytest.mark.parametrize("device", DEVICES)

@@ -125,6 +125,12 @@ void with_best_isa(F&& f) {
 
 // ---- building the shared view ---------------------------------------------------------------------
 
+// Whether layer m has a transpose in a list that may be empty, short or hold undefined entries
+// (rate mode transposes only the first layer).
+inline bool has_transpose(const std::vector<at::Tensor>& WT, int m) {
+  return static_cast<int>(WT.size()) > m && WT[m].defined();
+}
+
 template <typename T>
 Net<T> make_net(const std::vector<at::Tensor>& W, const std::vector<at::Tensor>& WT,
                 const std::vector<at::Tensor>& b, const std::vector<at::Tensor>& Y,
@@ -138,7 +144,7 @@ Net<T> make_net(const std::vector<at::Tensor>& W, const std::vector<at::Tensor>&
   for (const auto& w : W) net.n.push_back(w.size(0));
   for (int m = 0; m < net.M; ++m) {
     net.W.push_back(W[m].const_data_ptr<T>());
-    const bool has_t = static_cast<int>(WT.size()) > m && WT[m].defined();
+    const bool has_t = has_transpose(WT, m);
     net.WT.push_back(has_t ? WT[m].const_data_ptr<T>() : nullptr);
     net.ldWT.push_back(has_t ? WT[m].stride(0) : 0);
     net.b.push_back(b[m].const_data_ptr<T>());
@@ -677,7 +683,7 @@ std::vector<at::Tensor> train_online_cpu(
   // feedback): otherwise only the transpose is updated and W is written from it at the end.
   bool defer = !symmetric;
   for (int m = 0; m < M; ++m) defer = defer && kinds[m] != kKindBackprop;
-  auto has_t = [&](int m) { return static_cast<int>(WT.size()) > m && WT[m].defined(); };
+  auto has_t = [&](int m) { return has_transpose(WT, m); };
   std::vector<at::Tensor> avg = train_outputs(h);
   const int64_t n_out = h.W[M - 1].size(0);
   at::Tensor lam_out = at::empty({K, n_out}, x_all.options());

@@ -353,11 +353,9 @@ def plot_compare_bars(studies: Sequence[dict[str, Any]], out: str | os.PathLike,
     groups = {d: sorted([(s, lab) for s, lab in members if s["stats"]["dataset"] == d],
                         key=lambda m: m[1]) for d in datasets}
     widest = max((len(g) for g in groups.values()), default=1)
-    fig = Figure(figsize=(max(5.0, 1.6 * sum(max(len(g), 1) for g in groups.values()) + 2),
-                          4.4))
+    fig = Figure(figsize=(max(5.0, 1.6 * len(members) + 2), 4.4))
     axes = fig.subplots(1, max(len(datasets), 1), squeeze=False, sharey=True,
-                        gridspec_kw={"width_ratios": [max(len(groups[d]), 1) for d in datasets]
-                                     or [1]})[0]
+                        gridspec_kw={"width_ratios": [len(groups[d]) for d in datasets] or [1]})[0]
     width = 0.26
     rng = np.random.default_rng(0)  # the points' horizontal jitter only
     for ax, dataset in zip(axes, datasets, strict=False):
@@ -383,7 +381,7 @@ def plot_compare_bars(studies: Sequence[dict[str, Any]], out: str | os.PathLike,
             ax.text(i, 0.03, f"n={stats[i]['completed']}\n# chance {stats[i]['chance']}",
                     ha="center", va="bottom", fontsize=7)
         ax.set_xticks(x, [lab for _, lab in rows], fontsize=8)
-        ax.set_xlim(-0.6, len(rows) - 0.4 + (0.3 if widest else 0))
+        ax.set_xlim(-0.6, len(rows) - 0.1)  # room for the diamonds right of the last group
         ax.axhline(CHANCE_ACCURACY, color="grey", ls=":", lw=0.8)
         ax.set_title(_DATASET_TITLES.get(dataset, dataset), fontsize=10)
     axes[0].set_ylim(0, 1.18)
