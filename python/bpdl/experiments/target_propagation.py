@@ -93,7 +93,8 @@ _PROTOCOL = (
     "epoch here is both). B18 trained up to 500 epochs after a 60-configuration random search "
     "and reports the best test error reached; its chosen hyperparameters are not reproduced "
     "here (docs/algorithms/target_propagation.md §4.3), so bpdl's come from its own B18-style "
-    "random search on validation accuracy (4 epochs, FC; the LC runs reuse them). Default "
+    "random search on validation accuracy (4 epochs, FC; the LC runs reuse them), with SDTP's FC "
+    "runs and AO-SDTP's alternating FC run re-chosen on validation over 15-100 epochs. Default "
     "100 epochs (B18: up to 500; --epochs 500 to match). "
     "Baselines as in bartunov2018_mnist_fc / _lc: Adam lr 1e-3, and FA at 1e-4.")
 
