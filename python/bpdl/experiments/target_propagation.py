@@ -54,11 +54,9 @@ _SETTINGS: dict[str, dict[str, Any]] = {"tp": _DTP, "dtp": _DTP, "sdtp": _SDTP,
 #: 0.973, sigma 0.3 0.972.
 _OVERRIDES: dict[tuple[str, str, str], dict[str, Any]] = {
     ("fc", "sdtp", "parallel"): {"lr": 3e-3},
-    ("fc", "sdtp", "alternating"): {
-        "lr": _DTP["lr"], "optimizer_options": _DTP["optimizer_options"],
-        "rule_options": {"sigma": 0.25, "inverse_lr": _DTP["rule_options"]["inverse_lr"],
-                         "inverse_optimizer_options":
-                             _DTP["rule_options"]["inverse_optimizer_options"]}},
+    ("fc", "sdtp", "alternating"): {  # DTP's configuration without alpha (SDTP has none)
+        **_DTP, "rule_options": {**{k: v for k, v in _DTP["rule_options"].items() if k != "alpha"},
+                                 "sigma": 0.25}},
     ("fc", "aosdtp", "alternating"): {
         "rule_options": {**_SETTINGS["aosdtp"]["rule_options"], "sigma": 0.2}},
 }
