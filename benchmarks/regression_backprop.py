@@ -30,8 +30,8 @@ def run(optimizer: str, lr: float, budgets: list[int], init: float,
     teacher = M.regression_teacher(seed, dtype)
     p = mc.MicroParams(d["teacher"], transfer="soft_relu")
     n0, _, n2 = d["teacher"]
-    x_test = M._patterns(seed, -1, d["test_patterns"], n0, dtype)
-    y_test = mc.phi(M._teacher_potentials(x_test, teacher, p), p)
+    x_test = M.regression_patterns(seed, -1, d["test_patterns"], n0, dtype)
+    y_test = mc.phi(M.teacher_potentials(x_test, teacher, p), p)
     g = torch.Generator().manual_seed(seed)
     sizes = (n0, d["hidden"], n2)
     params = []
@@ -50,8 +50,8 @@ def run(optimizer: str, lr: float, budgets: list[int], init: float,
 
     start, errors = error(), []
     for k in range(max(budgets) // 10):
-        x = M._patterns(seed, k, 10, n0, dtype)
-        loss = (student(x) - mc.phi(M._teacher_potentials(x, teacher, p), p)).square().sum(1).mean()
+        x = M.regression_patterns(seed, k, 10, n0, dtype)
+        loss = (student(x) - mc.phi(M.teacher_potentials(x, teacher, p), p)).square().sum(1).mean()
         opt.zero_grad()
         loss.backward()
         opt.step()

@@ -90,13 +90,17 @@ def regression_teacher(seed: int, dtype: torch.dtype = torch.float64) -> tuple[t
             torch.rand(n2, n1, generator=g, dtype=dtype) * 2 - 1)
 
 
-def _patterns(seed: int, index: int, count: int, n0: int, dtype: torch.dtype) -> torch.Tensor:
-    """``count`` input patterns uniform on [-1, 1], a pure function of (seed, index)."""
+def regression_patterns(seed: int, index: int, count: int, n0: int,
+                        dtype: torch.dtype) -> torch.Tensor:
+    """``count`` input patterns uniform on [-1, 1], a pure function of (seed, index). Index -1
+    is the held-out set; training step k presents the patterns of index k."""
     g = torch.Generator().manual_seed(seed * 1_000_003 + index)
     return torch.rand(count, n0, generator=g, dtype=dtype) * 2 - 1
 
 
-def _teacher_potentials(x: torch.Tensor, teacher: tuple[torch.Tensor, ...], p) -> torch.Tensor:
+def teacher_potentials(x: torch.Tensor, teacher: tuple[torch.Tensor, ...], p) -> torch.Tensor:
+    """The teacher's output potentials k21 W_21 phi(k10 W_10 x); its target rates are their
+    phi (docs/algorithms/microcircuits.md §6.5). ``p`` carries the transfer function."""
     from bpdl.functional import microcircuit as mc
 
     k10, k21 = REGRESSION_DEFAULTS["k"]
@@ -159,8 +163,8 @@ def run_regression(out: str | Path, trials: int = 20000, lanes: int = 10,
     teacher = regression_teacher(seed, dtype)
     p_teacher = mc.MicroParams(REGRESSION_DEFAULTS["teacher"], transfer="soft_relu")
     n0 = REGRESSION_DEFAULTS["teacher"][0]
-    x_test = _patterns(seed, -1, REGRESSION_DEFAULTS["test_patterns"], n0, dtype)
-    u_test = _teacher_potentials(x_test, teacher, p_teacher)
+    x_test = regression_patterns(seed, -1, REGRESSION_DEFAULTS["test_patterns"], n0, dtype)
+    u_test = teacher_potentials(x_test, teacher, p_teacher)
     record: dict[str, Any] = {"trials": trials, "lanes": lanes, "eval_every": eval_every,
                               "seed": seed, "settings": _jsonable(REGRESSION_DEFAULTS),
                               "variants": {}}
@@ -180,9 +184,9 @@ def run_regression(out: str | Path, trials: int = 20000, lanes: int = 10,
         t0 = time.perf_counter()
         while done < trials:
             for _ in range(eval_every // lanes):
-                x = _patterns(seed, done // lanes, lanes, n0, dtype)
+                x = regression_patterns(seed, done // lanes, lanes, n0, dtype)
                 opt.zero_grad(set_to_none=True)
-                rule.present(x, _teacher_potentials(x, teacher, p_teacher))
+                rule.present(x, teacher_potentials(x, teacher, p_teacher))
                 opt.step()
                 done += lanes
             curve.append({"trial": done, **_evaluate(rule, x_test, u_test)})
