@@ -30,7 +30,12 @@ def init_std(init: str, weight: torch.Tensor, gain: float = 1.0) -> float:
     xavier: gain * sqrt(2 / (fan_in + fan_out)) (Glorot & Bengio 2010); kaiming: gain /
     sqrt(fan_in); torch_default: PyTorch's kaiming_uniform(a=sqrt(5)), i.e. 1/sqrt(3 fan_in).
     """
-    fan_in, fan_out = fans(weight)
+    return std_from_fans(init, *fans(weight), gain=gain)
+
+
+def std_from_fans(init: str, fan_in: int, fan_out: int, gain: float = 1.0) -> float:
+    """:func:`init_std` from the fans directly, for layers whose weight tensor does not show
+    them (a locally connected layer's weight has one filter per output position)."""
     if init.startswith("xavier"):
         return gain * math.sqrt(2.0 / (fan_in + fan_out))
     if init.startswith("kaiming"):

@@ -16,7 +16,7 @@ from torch import Tensor, nn
 from bpdl import ops
 from bpdl.errors import ConfigError, UnknownNameError
 from bpdl.functional.locally_connected import same_padding
-from bpdl.nn.init import INITS
+from bpdl.nn.init import std_from_fans
 
 BIAS_KINDS = ("location", "channel", "none")
 
@@ -119,14 +119,7 @@ class LocallyConnected2d(nn.Module):
 
     def init_std(self, init: str, gain: float = 1.0) -> float:
         """Standard deviation of initialiser ``init`` for this layer (see bpdl.nn.init.init_std)."""
-        fan_in, fan_out = self.fans()
-        if init.startswith("xavier"):
-            return gain * math.sqrt(2.0 / (fan_in + fan_out))
-        if init.startswith("kaiming"):
-            return gain / math.sqrt(fan_in)
-        if init == "torch_default":
-            return 1.0 / math.sqrt(3.0 * fan_in)
-        raise UnknownNameError("initialiser", init, INITS)
+        return std_from_fans(init, *self.fans(), gain=gain)
 
     def reset_parameters(self) -> None:
         """PyTorch's convolution default: weights and biases uniform on +-1/sqrt(fan_in)."""
