@@ -22,6 +22,17 @@ CUDA = pytest.param("cuda", marks=[pytest.mark.cuda, pytest.mark.skipif(
     not torch.cuda.is_available(), reason="needs a CUDA device")])
 DEVICES = ["cpu", CUDA]
 
+@pytest.fixture(scope="module")
+def synthetic_splits():
+    """Train / validation / test subsets (1,000 / 300 / 300) of a synthetic 8x8 dataset, for
+    loop tests that need data but not MNIST."""
+    from bpdl.data import synthetic_dataset
+
+    full = synthetic_dataset(1600, shape=(1, 8, 8), seed=0)
+    idx = torch.arange(len(full))
+    return full.subset(idx[:1000]), full.subset(idx[1000:1300]), full.subset(idx[1300:])
+
+
 #: Original distribution files expected under the shared data folder (torchvision layout).
 MNIST_LIKE_RAW_FILES: dict[str, tuple[str, ...]] = {
     folder: (

@@ -322,15 +322,6 @@ def test_auxiliary_output_is_fixed_and_not_optimised():
 
 # ---- in the loop ------------------------------------------------------------------------------
 
-@pytest.fixture(scope="module")
-def small_data():
-    from bpdl.data import synthetic_dataset
-
-    full = synthetic_dataset(1600, shape=(1, 8, 8), seed=0)
-    idx = torch.arange(len(full))
-    return full.subset(idx[:1000]), full.subset(idx[1000:1300]), full.subset(idx[1300:])
-
-
 def _cfg(**kw) -> RunConfig:
     base = dict(dataset="synthetic", model="mlp",
                 model_options={"hidden": [32, 16], "activation": "tanh"}, epochs=2,
@@ -341,9 +332,9 @@ def _cfg(**kw) -> RunConfig:
 
 
 @pytest.mark.parametrize("rule", TP_RULES)
-def test_rules_learn_in_the_loop_and_log_their_metrics(rule, small_data, tmp_path):
+def test_rules_learn_in_the_loop_and_log_their_metrics(rule, synthetic_splits, tmp_path):
     result = train(_cfg(rule=rule, eval_every=None, epochs=4, lr=1e-2,
-                        rule_options={"inverse_lr": 1e-2}), tmp_path / rule, data=small_data,
+                        rule_options={"inverse_lr": 1e-2}), tmp_path / rule, data=synthetic_splits,
                    progress=False, log=lambda s: None)
     assert result.status == "completed"
     # chance is 0.1; plain TP (no difference correction) learns, but unsteadily
@@ -362,10 +353,10 @@ def test_rules_learn_in_the_loop_and_log_their_metrics(rule, small_data, tmp_pat
     assert any(k.startswith("inverses.") for k in ckpt["learner"])
 
 
-def test_alternating_schedule_makes_two_passes_per_epoch(small_data, tmp_path):
+def test_alternating_schedule_makes_two_passes_per_epoch(synthetic_splits, tmp_path):
     result = train(_cfg(rule="sdtp", eval_every=None, lr=1e-2,
                         rule_options={"schedule": "alternating", "inverse_lr": 1e-2}),
-                   tmp_path / "alt", data=small_data, progress=False, log=lambda s: None)
+                   tmp_path / "alt", data=synthetic_splits, progress=False, log=lambda s: None)
     h = result.history
     assert [r.get("phase") for r in h] == [None, "inverse", "forward", "inverse", "forward"]
     assert [r["examples"] for r in h] == [0, 1000, 2000, 3000, 4000]
@@ -393,20 +384,20 @@ def _strip(history):
 
 
 @pytest.mark.parametrize("rule,schedule", [("dtp", "alternating"), ("aosdtp", "parallel")])
-def test_an_interrupted_run_resumes_bit_for_bit(rule, schedule, small_data, tmp_path):
+def test_an_interrupted_run_resumes_bit_for_bit(rule, schedule, synthetic_splits, tmp_path):
     cfg = _cfg(rule=rule, epochs=1 if schedule == "alternating" else 2,
                rule_options={"schedule": schedule, "inverse_lr": 3e-3, "aux_size": 8}
                if rule == "aosdtp" else {"schedule": schedule, "inverse_lr": 3e-3})
-    reference = train(cfg, tmp_path / "ref", data=small_data, progress=False, log=lambda s: None)
+    reference = train(cfg, tmp_path / "ref", data=synthetic_splits, progress=False, log=lambda s: None)
     assert reference.status == "completed"
     ckpt = torch.load(tmp_path / "ref" / "checkpoints" / "last.pt", weights_only=False)
     assert ckpt["optimizers"]["inverse"]["state"]  # the inverses' Adam moments are saved
     out = tmp_path / "crashy"
     with pytest.raises(Crash):
-        train(cfg, out, data=small_data, progress=False, log=lambda s: None,
+        train(cfg, out, data=synthetic_splits, progress=False, log=lambda s: None,
               callback=_crash_at(1200))
     lines = []
-    resumed = train(cfg, out, data=small_data, progress=False, log=lines.append)
+    resumed = train(cfg, out, data=synthetic_splits, progress=False, log=lines.append)
     assert lines[0].startswith(f"resuming {out} at example 900")
     assert _strip(resumed.history) == _strip(reference.history)
     final = torch.load(out / "checkpoints" / "last.pt", weights_only=False)
@@ -508,10 +499,10 @@ def test_registrations_are_valid():
         assert space.dims["lr"].low == 1e-5 and space.dims["lr"].high == 3e-4
 
 
-def test_weight_dynamics_plot_draws_the_reconstruction_errors(small_data, tmp_path):
+def test_weight_dynamics_plot_draws_the_reconstruction_errors(synthetic_splits, tmp_path):
     from bpdl.plots import plot_weight_dynamics
 
-    train(_cfg(rule="sdtp", epochs=1), tmp_path / "run", data=small_data, progress=False,
+    train(_cfg(rule="sdtp", epochs=1), tmp_path / "run", data=synthetic_splits, progress=False,
           log=lambda s: None)
     fig = plot_weight_dynamics(tmp_path / "run")
     labels = [ax.get_ylabel() for ax in fig.axes]

@@ -9,18 +9,10 @@ import json
 import pytest
 import torch
 from bpdl import rules
-from bpdl.data import synthetic_dataset
 from bpdl.errors import ConfigError, RunDirError
 from bpdl.train import RunConfig, train
 
 TIMING_KEYS = {"examples_per_sec", "eval_time", "elapsed"}
-
-
-@pytest.fixture(scope="module")
-def small_data():
-    full = synthetic_dataset(1600, shape=(1, 8, 8), seed=0)
-    idx = torch.arange(len(full))
-    return full.subset(idx[:1000]), full.subset(idx[1000:1300]), full.subset(idx[1300:])
 
 
 def _cfg(**kw) -> RunConfig:
@@ -35,9 +27,9 @@ def _strip(history):
     return [{k: v for k, v in r.items() if k not in TIMING_KEYS} for r in history]
 
 
-def test_run_directory_and_schedule(tmp_path, small_data):
+def test_run_directory_and_schedule(tmp_path, synthetic_splits):
     out = tmp_path / "run"
-    result = train(_cfg(), out, data=small_data, progress=False, log=lambda s: None)
+    result = train(_cfg(), out, data=synthetic_splits, progress=False, log=lambda s: None)
     assert result.status == "completed"
     assert (out / "config.json").exists() and (out / "checkpoints" / "last.pt").exists()
     cfg = json.loads((out / "config.json").read_text())
@@ -61,10 +53,10 @@ def test_run_directory_and_schedule(tmp_path, small_data):
     assert records[0]["val_acc"] < 0.5 < records[-1]["val_acc"]
 
 
-def test_weight_statistics_are_what_they_claim(small_data):
+def test_weight_statistics_are_what_they_claim(synthetic_splits):
     seen = []
     result = train(_cfg(optimizer="sgd", lr=0.5, epochs=1, eval_every=500), None,
-                   data=small_data, progress=False, log=lambda s: None,
+                   data=synthetic_splits, progress=False, log=lambda s: None,
                    callback=lambda rec: seen.append(rec))
     w = result.learner.model.layers[1].weight.detach()
     last = result.history[-1]["layers"]["layers.1"]
@@ -72,9 +64,9 @@ def test_weight_statistics_are_what_they_claim(small_data):
     assert len(seen) == len(result.history) - 1  # callback after every evaluation but the first
 
 
-def test_same_seed_same_metrics_and_different_seed_differs(small_data):
+def test_same_seed_same_metrics_and_different_seed_differs(synthetic_splits):
     def run(seed):
-        return train(_cfg(seed=seed), data=small_data, progress=False,
+        return train(_cfg(seed=seed), data=synthetic_splits, progress=False,
                                  log=lambda s: None).history
     a, b, c = run(3), run(3), run(4)
     assert _strip(a) == _strip(b)
@@ -94,39 +86,39 @@ def _crash_at(examples):
     return callback
 
 
-def test_resume_after_crash_matches_uninterrupted_run(tmp_path, small_data):
-    reference = train(_cfg(), tmp_path / "ref", data=small_data, progress=False,
+def test_resume_after_crash_matches_uninterrupted_run(tmp_path, synthetic_splits):
+    reference = train(_cfg(), tmp_path / "ref", data=synthetic_splits, progress=False,
                       log=lambda s: None)
     out = tmp_path / "crashy"
     with pytest.raises(Crash):
-        train(_cfg(), out, data=small_data, progress=False, log=lambda s: None,
+        train(_cfg(), out, data=synthetic_splits, progress=False, log=lambda s: None,
               callback=_crash_at(900))
     summary = json.loads((out / "summary.json").read_text())
     assert summary["status"] == "failed"
-    resumed = train(_cfg(), out, data=small_data, progress=False, log=lambda s: None)
+    resumed = train(_cfg(), out, data=synthetic_splits, progress=False, log=lambda s: None)
     assert resumed.status == "completed"
     assert _strip(resumed.history) == _strip(reference.history)
     lines = (out / "metrics.jsonl").read_text().splitlines()
     assert [json.loads(x)["examples"] for x in lines] == [r["examples"] for r in reference.history]
     # a finished run is returned, not retrained
-    again = train(_cfg(), out, data=small_data, progress=False, log=lambda s: None)
+    again = train(_cfg(), out, data=synthetic_splits, progress=False, log=lambda s: None)
     assert again.learner is None and again.summary["status"] == "completed"
 
 
-def test_resume_with_other_config_is_refused_naming_the_difference(tmp_path, small_data):
+def test_resume_with_other_config_is_refused_naming_the_difference(tmp_path, synthetic_splits):
     out = tmp_path / "r"
-    train(_cfg(max_examples=300), out, data=small_data, progress=False, log=lambda s: None)
+    train(_cfg(max_examples=300), out, data=synthetic_splits, progress=False, log=lambda s: None)
     with pytest.raises(ConfigError, match=r"lr: 0.003 -> 0.01.*batch_size|batch_size: 50 -> 25"):
-        train(_cfg(max_examples=300, lr=0.01, batch_size=25), out, data=small_data,
+        train(_cfg(max_examples=300, lr=0.01, batch_size=25), out, data=synthetic_splits,
               progress=False, log=lambda s: None)
     # device and thread count may change on resume
-    train(_cfg(max_examples=300, threads=1), out, data=small_data, progress=False,
+    train(_cfg(max_examples=300, threads=1), out, data=synthetic_splits, progress=False,
           log=lambda s: None)
 
 
-def test_divergence_stops_with_recorded_status(tmp_path, small_data):
+def test_divergence_stops_with_recorded_status(tmp_path, synthetic_splits):
     out = tmp_path / "div"
-    result = train(_cfg(optimizer="sgd", lr=1e6, max_loss=50.0), out, data=small_data,
+    result = train(_cfg(optimizer="sgd", lr=1e6, max_loss=50.0), out, data=synthetic_splits,
                    progress=False, log=lambda s: None)
     assert result.status == "diverged"
     summary = json.loads((out / "summary.json").read_text())
@@ -136,17 +128,17 @@ def test_divergence_stops_with_recorded_status(tmp_path, small_data):
     assert "test_acc" not in summary
 
 
-def test_layer_learning_rates_and_optimizer_options(small_data):
+def test_layer_learning_rates_and_optimizer_options(synthetic_splits):
     cfg = _cfg(optimizer="sgd", lr=0.1, layer_lrs=(0.2, 0.05),
                optimizer_options={"momentum": 0.9}, max_examples=100)
-    result = train(cfg, data=small_data, progress=False, log=lambda s: None)
+    result = train(cfg, data=synthetic_splits, progress=False, log=lambda s: None)
     assert result.status == "completed"
     with pytest.raises(ConfigError, match="one learning rate per group"):
-        train(_cfg(layer_lrs=(0.1,)), data=small_data, progress=False, log=lambda s: None)
+        train(_cfg(layer_lrs=(0.1,)), data=synthetic_splits, progress=False, log=lambda s: None)
 
 
-def test_test_every_evaluation_and_max_examples(small_data):
-    result = train(_cfg(test="every", max_examples=450), data=small_data, progress=False,
+def test_test_every_evaluation_and_max_examples(synthetic_splits):
+    result = train(_cfg(test="every", max_examples=450), data=synthetic_splits, progress=False,
                    log=lambda s: None)
     assert [r["examples"] for r in result.history] == [0, 300, 450]
     assert all("test_acc" in r for r in result.history)
@@ -165,21 +157,21 @@ def test_test_every_evaluation_and_max_examples(small_data):
     ({"test": "sometimes"}, "test must be one of"),
     ({"device": "cuda:7"} if not torch.cuda.is_available() else {"device": "tpu"}, "device"),
 ])
-def test_bad_configuration_is_refused_before_anything_is_written(tmp_path, small_data,
+def test_bad_configuration_is_refused_before_anything_is_written(tmp_path, synthetic_splits,
                                                                  overrides, match):
     out = tmp_path / "never"
     with pytest.raises(ConfigError, match=match):
-        train(_cfg(**overrides), out, data=small_data, progress=False, log=lambda s: None)
+        train(_cfg(**overrides), out, data=synthetic_splits, progress=False, log=lambda s: None)
     assert not out.exists()
 
 
-def test_unwritable_output_folder(tmp_path, small_data):
+def test_unwritable_output_folder(tmp_path, synthetic_splits):
     blocker = tmp_path / "a_file"
     blocker.write_text("x")
     with pytest.raises(RunDirError, match="is a file"):
-        train(_cfg(), blocker / "run", data=small_data, progress=False, log=lambda s: None)
+        train(_cfg(), blocker / "run", data=synthetic_splits, progress=False, log=lambda s: None)
     with pytest.raises(RunDirError, match="not a folder"):
-        train(_cfg(), blocker, data=small_data, progress=False, log=lambda s: None)
+        train(_cfg(), blocker, data=synthetic_splits, progress=False, log=lambda s: None)
 
 
 def test_rule_registry_lists_valid_names():
@@ -262,9 +254,9 @@ def two_optimizer_rule():
     rules.RULES._items.pop(_TwoOptimizerRule.name)
 
 
-def test_a_rule_with_two_optimizers_resumes_bit_for_bit(tmp_path, small_data, two_optimizer_rule):
+def test_a_rule_with_two_optimizers_resumes_bit_for_bit(tmp_path, synthetic_splits, two_optimizer_rule):
     cfg = _cfg(rule=two_optimizer_rule, max_examples=1500)
-    reference = train(cfg, tmp_path / "ref", data=small_data, progress=False, log=lambda s: None)
+    reference = train(cfg, tmp_path / "ref", data=synthetic_splits, progress=False, log=lambda s: None)
     assert reference.status == "completed"
     ckpt = torch.load(tmp_path / "ref" / "checkpoints" / "last.pt", weights_only=False)
     assert set(ckpt["optimizers"]) == {"main", "readout"}
@@ -275,10 +267,10 @@ def test_a_rule_with_two_optimizers_resumes_bit_for_bit(tmp_path, small_data, tw
 
     out = tmp_path / "crashy"
     with pytest.raises(Crash):
-        train(cfg, out, data=small_data, progress=False, log=lambda s: None,
+        train(cfg, out, data=synthetic_splits, progress=False, log=lambda s: None,
               callback=_crash_at(600))
     lines = []
-    resumed = train(cfg, out, data=small_data, progress=False, log=lines.append)
+    resumed = train(cfg, out, data=synthetic_splits, progress=False, log=lines.append)
     # the crash came before the checkpoint of example 600: the resume starts at 300
     assert lines[0].startswith(f"resuming {out} at example 300")  # not a fresh start
     assert _strip(resumed.history) == _strip(reference.history)
@@ -291,7 +283,7 @@ def test_a_rule_with_two_optimizers_resumes_bit_for_bit(tmp_path, small_data, tw
                 assert torch.equal(v, final["optimizers"][name]["state"][pid][k]), (name, k)
 
 
-def test_optimisers_that_share_a_parameter_are_refused(small_data, two_optimizer_rule):
+def test_optimisers_that_share_a_parameter_are_refused(synthetic_splits, two_optimizer_rule):
     class Sharing(_TwoOptimizerRule):
         def configure_optimizers(self, cfg):
             return {**super().configure_optimizers(cfg),
@@ -325,11 +317,11 @@ class _TwoPassRule(_TwoOptimizerRule):
         return stats
 
 
-def test_a_rule_with_two_passes_per_epoch(tmp_path, small_data):
+def test_a_rule_with_two_passes_per_epoch(tmp_path, synthetic_splits):
     rules.RULES.add(_TwoPassRule.name, _TwoPassRule)
     try:
         cfg = _cfg(rule=_TwoPassRule.name, epochs=2, eval_every=None)
-        result = train(cfg, tmp_path / "run", data=small_data, progress=False,
+        result = train(cfg, tmp_path / "run", data=synthetic_splits, progress=False,
                        log=lambda s: None)
     finally:
         rules.RULES._items.pop(_TwoPassRule.name)
@@ -361,11 +353,11 @@ def test_lr_schedule_factors():
             lr_schedule_factor(bad, 3)
 
 
-def test_lr_schedule_sets_every_optimisers_rates_per_epoch(tmp_path, small_data,
+def test_lr_schedule_sets_every_optimisers_rates_per_epoch(tmp_path, synthetic_splits,
                                                            two_optimizer_rule):
     cfg = _cfg(rule=two_optimizer_rule, optimizer="sgd", lr=0.1, layer_lrs=(0.2, 0.05),
                epochs=3, eval_every=None, lr_schedule="step:2,3:0.5")
-    result = train(cfg, tmp_path / "run", data=small_data, progress=False, log=lambda s: None)
+    result = train(cfg, tmp_path / "run", data=synthetic_splits, progress=False, log=lambda s: None)
     assert [r.get("lr_factor") for r in result.history] == [1.0, 0.5, 0.25, 0.25]
     ckpt = torch.load(tmp_path / "run" / "checkpoints" / "last.pt", weights_only=False)
     main = ckpt["optimizers"]["main"]["param_groups"]
@@ -375,31 +367,31 @@ def test_lr_schedule_sets_every_optimisers_rates_per_epoch(tmp_path, small_data,
     assert readout["lr"] == pytest.approx(readout["initial_lr"] * 0.25)
     # with the schedule the weights end elsewhere than at constant rates
     constant = train(dataclasses.replace(cfg, lr_schedule=None), tmp_path / "const",
-                     data=small_data, progress=False, log=lambda s: None)
+                     data=synthetic_splits, progress=False, log=lambda s: None)
     assert "lr_factor" not in constant.history[-1]
     assert constant.history[-1]["train_loss"] != result.history[-1]["train_loss"]
 
 
-def test_lr_schedule_resumes_bit_for_bit(tmp_path, small_data):
+def test_lr_schedule_resumes_bit_for_bit(tmp_path, synthetic_splits):
     cfg = _cfg(epochs=3, lr_schedule="cosine")
-    reference = train(cfg, tmp_path / "ref", data=small_data, progress=False, log=lambda s: None)
+    reference = train(cfg, tmp_path / "ref", data=synthetic_splits, progress=False, log=lambda s: None)
     out = tmp_path / "crashy"
     with pytest.raises(Crash):  # in the second epoch, after the schedule has stepped
-        train(cfg, out, data=small_data, progress=False, log=lambda s: None,
+        train(cfg, out, data=synthetic_splits, progress=False, log=lambda s: None,
               callback=_crash_at(1500))
-    resumed = train(cfg, out, data=small_data, progress=False, log=lambda s: None)
+    resumed = train(cfg, out, data=synthetic_splits, progress=False, log=lambda s: None)
     assert _strip(resumed.history) == _strip(reference.history)
     assert reference.history[-1]["lr_factor"] == pytest.approx(0.0)
 
 
-def test_runs_written_before_a_config_field_existed_still_resume(tmp_path, small_data):
+def test_runs_written_before_a_config_field_existed_still_resume(tmp_path, synthetic_splits):
     out = tmp_path / "old"
     cfg = _cfg(max_examples=600)
     with pytest.raises(Crash):
-        train(cfg, out, data=small_data, progress=False, log=lambda s: None,
+        train(cfg, out, data=synthetic_splits, progress=False, log=lambda s: None,
               callback=_crash_at(600))
     stored = json.loads((out / "config.json").read_text())
     del stored["lr_schedule"]  # as bpdl <= 0.1 wrote it
     (out / "config.json").write_text(json.dumps(stored))
-    assert train(cfg, out, data=small_data, progress=False, log=lambda s: None).status == \
+    assert train(cfg, out, data=synthetic_splits, progress=False, log=lambda s: None).status == \
         "completed"
