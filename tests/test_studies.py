@@ -247,6 +247,30 @@ def test_database_uses_wal_and_refuses_another_definition(tmp_path):
         assert store.study_names() == ["s", "other"]
 
 
+def test_reports_leave_a_committed_database_byte_for_byte_unchanged(mlp_study, tmp_path):
+    """A database committed in journal mode DELETE (as benchmarks/results/studies/ holds them)
+    must not be rewritten by `study report` or `study compare`: they open it read-only."""
+    import sqlite3
+
+    from bpdl.cli import main
+
+    _, db, _, _ = mlp_study
+    committed = tmp_path / "committed.db"
+    src, dst = sqlite3.connect(db), sqlite3.connect(committed)
+    src.backup(dst)
+    dst.execute("PRAGMA journal_mode=DELETE")
+    dst.close()
+    src.close()
+    before = committed.read_bytes()
+    assert main(["study", "report", str(committed), "--out", str(tmp_path / "rep")]) == 0
+    assert main(["study", "compare", str(committed), "--out", str(tmp_path / "cmp")]) == 0
+    assert committed.read_bytes() == before
+    with StudyStore(committed) as store:  # a writer (study run) still switches it to WAL
+        assert store.conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+    with pytest.raises(ValueError, match="read_only=True needs create=False"):
+        StudyStore(committed, read_only=True)
+
+
 def test_a_study_run_by_a_live_process_is_refused(tmp_path):
     import socket
 

@@ -431,7 +431,7 @@ def load_studies(dbs: Sequence[str | os.PathLike], names: Sequence[str] | None =
     studies = []
     found: set[str] = set()
     for db in dbs:
-        with StudyStore(db, create=False) as store:
+        with StudyStore(db, create=False, read_only=True) as store:
             for name in store.study_names():
                 if names and name not in names:
                     continue

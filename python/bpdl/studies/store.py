@@ -168,10 +168,19 @@ def _owner_alive(owner: str, heartbeat: float | None) -> bool:
 
 
 class StudyStore:
-    """An open study database. ``create=False`` refuses a missing file (reports)."""
+    """An open study database. ``create=False`` refuses a missing file (reports).
 
-    def __init__(self, path: str | os.PathLike, *, create: bool = True):
+    ``read_only=True`` (reports and comparisons) only reads: it leaves the file's journal
+    mode as it is, so a committed database (journal mode DELETE) stays byte for byte the same
+    after ``bpdl study report`` or ``compare``. A writer switches an existing file to WAL.
+    """
+
+    def __init__(self, path: str | os.PathLike, *, create: bool = True,
+                 read_only: bool = False):
+        if read_only and create:
+            raise ValueError("StudyStore: read_only=True needs create=False")
         self.path = Path(path)
+        self.read_only = read_only
         if self.path.is_dir():
             raise StudyDatabaseError(f"{self.path} is a folder; give a database file path "
                                      f"(e.g. studies/mine.db)")
@@ -220,6 +229,9 @@ class StudyStore:
                                          f"{check}); bpdl leaves it untouched: restore a backup "
                                          f"or choose another --db path")
         tables = {r[0] for r in c.execute("SELECT name FROM sqlite_master WHERE type='table'")}
+        if not tables and self.read_only:
+            raise StudyDatabaseError(f"{self.path} is an empty SQLite database, not a bpdl study "
+                                     f"database; run `bpdl study run --db {self.path} ...` first")
         if not tables:
             mode = c.execute("PRAGMA journal_mode=WAL").fetchone()[0]
             if mode.lower() != "wal":
@@ -255,7 +267,8 @@ class StudyStore:
             if missing:
                 raise StudyDatabaseError(f"{self.path} is damaged: table(s) {sorted(missing)} "
                                          f"are missing")
-            c.execute("PRAGMA journal_mode=WAL")
+            if not self.read_only:
+                c.execute("PRAGMA journal_mode=WAL")
         c.execute("PRAGMA synchronous=NORMAL")
         c.execute("PRAGMA foreign_keys=ON")
 
