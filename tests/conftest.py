@@ -22,6 +22,7 @@ CUDA = pytest.param("cuda", marks=[pytest.mark.cuda, pytest.mark.skipif(
     not torch.cuda.is_available(), reason="needs a CUDA device")])
 DEVICES = ["cpu", CUDA]
 
+
 @pytest.fixture(scope="module")
 def synthetic_splits():
     """Train / validation / test subsets (1,000 / 300 / 300) of a synthetic 8x8 dataset, for
