@@ -149,6 +149,32 @@ def test_weak_nudging_in_the_self_predicting_state_aligns_hidden_updates_with_ba
         assert min(angles) > 60.0, angles
 
 
+def test_transposed_top_down_start_is_the_scaled_forward_transpose_and_aligns_with_backprop():
+    """td_init="transposed": each top-down matrix is (td_scale / init_scale) sqrt(n_k / n_k+1)
+    times the transposed forward weights above, the rest of the start is the random one drawn
+    from the same seed, the net is still self-predicting, and in the weak-nudging limit the
+    hidden updates follow backprop (a positive scale per layer does not turn a direction)."""
+    sizes = (12, 10, 8, 4)
+    rand, sym = (_net(sizes, seed=3, td_init=t) for t in ("random", "transposed"))
+    for k, (td, td_rand) in enumerate(zip(sym.td, rand.td), start=1):
+        n_k, n_above = td.shape
+        expected = sym.pp[k].weight.t() * (1.0 / 2.0 * (n_k / n_above) ** 0.5)
+        # built in float32, then cast: equal to float32 rounding
+        torch.testing.assert_close(td, expected, rtol=1e-6, atol=1e-7)
+        assert not torch.allclose(td, td_rand)
+        torch.testing.assert_close(sym.pi[k - 1], -td, rtol=0, atol=0)
+    for a, b in zip(sym.pp, rand.pp):
+        torch.testing.assert_close(a.weight, b.weight, rtol=0, atol=0)
+    s = mc.steady_state(sym.weights(), _inputs(), None, sym.sim, "exact", sweeps=3)
+    assert float(s.v_A[0].norm()) < 1e-6 * float(s.v_B[0].norm())
+
+    net = _net(sizes, seed=0, g_som=1e-3, td_init="transposed")
+    angles = Microcircuit(net, MicrocircuitRuleConfig(sweeps=40)).alignment(
+        _inputs(16), torch.arange(16) % 4)
+    for layer in ("pp.1", "pp.2", "pp.3"):
+        assert angles[layer]["angle_update_bp"] < 10.0, angles
+
+
 def test_feedback_alignment_of_forward_and_top_down_weights_is_reported():
     net = _net()
     rule = Microcircuit(net)
@@ -347,6 +373,7 @@ def test_bad_rule_options_get_one_clear_error(opts, match):
     ({"sigma": -0.1}, "sigma"),
     ({"target_rates": (0.8, 0.1)}, "target_rates"),
     ({"dt": 5.0}, "too coarse"),
+    ({"td_init": "symmetric"}, "td_init must be one of random, transposed"),
 ])
 def test_bad_model_options_get_one_clear_error(opts, match):
     with pytest.raises(ConfigError, match=match):

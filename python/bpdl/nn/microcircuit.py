@@ -21,8 +21,9 @@ from bpdl.functional import microcircuit as mc
 from bpdl.nn.models import MODELS, ModelSpec
 
 INITS = ("self_predicting", "random")
+TD_INITS = ("random", "transposed")
 
-__all__ = ["INITS", "MicrocircuitConfig", "MicrocircuitNet"]
+__all__ = ["INITS", "TD_INITS", "MicrocircuitConfig", "MicrocircuitNet"]
 
 
 #: The simulation constants and their defaults, defined once in MicroParams (the model options
@@ -42,7 +43,12 @@ class MicrocircuitConfig:
     noise, Euler-Maruyama: sigma sqrt(dt) xi per step); ``steps`` per presentation.
     ``init``: ``self_predicting`` (S18's MNIST start: W^PI = -W^td and W^IP matching the forward
     weights above) or ``random``; weights uniform on +-``init_scale`` / sqrt(fan_in), top-down
-    on +-``td_scale`` / sqrt(fan_in). ``target_rates``: the teacher's rates for the wrong and
+    on +-``td_scale`` / sqrt(fan_in). ``td_init``: ``random`` (the uniform start above) or
+    ``transposed``: each top-down matrix starts as the transpose of the forward weights into the
+    layer above, scaled to the random start's expected norm,
+    W^PP_{k,k+1} = (td_scale / init_scale) sqrt(n_k / n_{k+1}) (W^PP_{k+1,k})^T (a symmetric start:
+    the top-down path then carries backprop's error through the hidden-to-hidden weights while
+    they stay near their start; docs/algorithms/microcircuits.md §6.6). ``target_rates``: the teacher's rates for the wrong and
     the right class (S18: 0.1, 0.8).
     """
 
@@ -65,6 +71,7 @@ class MicrocircuitConfig:
     init: str = "self_predicting"
     init_scale: float = 8.0
     td_scale: float = 1.0
+    td_init: str = "random"
     target_rates: tuple[float, float] = (0.1, 0.8)
 
     def __post_init__(self) -> None:
@@ -79,6 +86,9 @@ class MicrocircuitConfig:
                               f"{self.transfer!r}")
         if self.init not in INITS:
             raise ConfigError(f"init must be one of {', '.join(INITS)}, got {self.init!r}")
+        if self.td_init not in TD_INITS:
+            raise ConfigError(f"td_init must be one of {', '.join(TD_INITS)}, got "
+                              f"{self.td_init!r}")
         for name in ("g_lk", "g_B", "g_D", "dt", "tau_w", "tau_in", "beta", "gamma",
                      "init_scale", "td_scale"):
             require_positive(name, getattr(self, name))
@@ -133,7 +143,8 @@ class MicrocircuitNet(nn.Module):
 
     @torch.no_grad()
     def reset_parameters(self, generator: torch.Generator | None = None) -> None:
-        """Uniform weights on +-init_scale / sqrt(fan_in) (top-down: td_scale), zero thresholds;
+        """Uniform weights on +-init_scale / sqrt(fan_in) (top-down: td_scale, or the scaled
+        transpose of the forward weights above with ``td_init="transposed"``), zero thresholds;
         then, by default, :meth:`init_self_predicting`."""
         cfg = self.config
 
@@ -145,8 +156,12 @@ class MicrocircuitNet(nn.Module):
         for m in self.pp:
             uniform(m.weight, cfg.init_scale)
             m.bias.zero_()
-        for t in self.td:
-            uniform(t, cfg.td_scale)
+        for k, t in enumerate(self.td, start=1):
+            uniform(t, cfg.td_scale)   # drawn either way, so the other weights do not shift
+            if cfg.td_init == "transposed":
+                n_k, n_above = t.shape
+                t.copy_(self.pp[k].weight.t() * (cfg.td_scale / cfg.init_scale
+                                                 * math.sqrt(n_k / n_above)))
         for t in self.pi:
             uniform(t, cfg.td_scale)
         for m in self.ip:
