@@ -59,12 +59,20 @@ register(Experiment(
         ExperimentRun("fixed-hidden-pp", {
             "rule": "microcircuit", "model": "microcircuit", "model_options": _MNIST_MODEL,
             "rule_options": {"fixed_layers": [2]}}, 2.11),
+        ExperimentRun("fixed-hidden-pp-transposed", {
+            "rule": "microcircuit", "model": "microcircuit",
+            "model_options": {**_MNIST_MODEL, "td_init": "transposed"},
+            "rule_options": {"fixed_layers": [2]}, "layer_lrs": [64.0, 2.0, 0.06]}, 2.11),
     ),
     common={"dataset": "mnist", "epochs": 30, "val_size": 5000, "test": "every",
             "probe_size": 256},
     notes=("S18 trains the runs to convergence (its supplement gives the schedule); bpdl's "
            "default is 30 epochs. fixed-hidden-pp keeps the hidden-to-hidden forward weights "
-           "W^PP_21 at their random initial values."),
+           "W^PP_21 at their random initial values. fixed-hidden-pp-transposed is the same with "
+           "the top-down weights started as the scaled transpose of the forward weights "
+           "(td_init='transposed'; S18's main text does not give its top-down start) and the "
+           "first layer's rate 8 times the default, which that start's 8 times smaller "
+           "top-down error needs (docs/algorithms/microcircuits.md §6.6)."),
 ))
 
 # ---- the teacher-student regression (§3.3) ----------------------------------------------------
