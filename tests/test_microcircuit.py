@@ -156,14 +156,14 @@ def test_transposed_top_down_start_is_the_scaled_forward_transpose_and_aligns_wi
     hidden updates follow backprop (a positive scale per layer does not turn a direction)."""
     sizes = (12, 10, 8, 4)
     rand, sym = (_net(sizes, seed=3, td_init=t) for t in ("random", "transposed"))
-    for k, (td, td_rand) in enumerate(zip(sym.td, rand.td), start=1):
+    for k, (td, td_rand) in enumerate(zip(sym.td, rand.td, strict=True), start=1):
         n_k, n_above = td.shape
         expected = sym.pp[k].weight.t() * (1.0 / 2.0 * (n_k / n_above) ** 0.5)
         # built in float32, then cast: equal to float32 rounding
         torch.testing.assert_close(td, expected, rtol=1e-6, atol=1e-7)
         assert not torch.allclose(td, td_rand)
         torch.testing.assert_close(sym.pi[k - 1], -td, rtol=0, atol=0)
-    for a, b in zip(sym.pp, rand.pp):
+    for a, b in zip(sym.pp, rand.pp, strict=True):
         torch.testing.assert_close(a.weight, b.weight, rtol=0, atol=0)
     s = mc.steady_state(sym.weights(), _inputs(), None, sym.sim, "exact", sweeps=3)
     assert float(s.v_A[0].norm()) < 1e-6 * float(s.v_B[0].norm())

@@ -48,8 +48,8 @@ class MicrocircuitConfig:
     layer above, scaled to the random start's expected norm,
     W^PP_{k,k+1} = (td_scale / init_scale) sqrt(n_k / n_{k+1}) (W^PP_{k+1,k})^T (a symmetric start:
     the top-down path then carries backprop's error through the hidden-to-hidden weights while
-    they stay near their start; docs/algorithms/microcircuits.md §6.6). ``target_rates``: the teacher's rates for the wrong and
-    the right class (S18: 0.1, 0.8).
+    they stay near their start; docs/algorithms/microcircuits.md §6.6). ``target_rates``: the
+    teacher's rates for the wrong and the right class (S18: 0.1, 0.8).
     """
 
     hidden: tuple[int, ...] = (500, 500)
