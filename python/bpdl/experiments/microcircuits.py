@@ -69,9 +69,9 @@ register(Experiment(
             "probe_size": 256},
     notes=("S18 trains the runs to convergence (its supplement gives the schedule); the "
            "steady-state and fixed-hidden-pp-transposed runs take 60 epochs (their test error "
-           "still falls at 30), fixed-hidden-pp 30. fixed-hidden-pp keeps the hidden-to-hidden forward weights "
-           "W^PP_21 at their random initial values. fixed-hidden-pp-transposed is the same with "
-           "the top-down weights started as the scaled transpose of the forward weights "
+           "still falls at 30), fixed-hidden-pp 30. fixed-hidden-pp keeps the hidden-to-hidden "
+           "forward weights W^PP_21 at their random initial values. fixed-hidden-pp-transposed "
+           "is the same with the top-down weights started as the scaled transpose of the forward weights "
            "(td_init='transposed'; S18's main text does not give its top-down start) and the "
            "first layer's rate 8 times the default, which that start's 8 times smaller "
            "top-down error needs (docs/algorithms/microcircuits.md §6.6), for 60 epochs (its "
