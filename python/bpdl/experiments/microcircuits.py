@@ -74,8 +74,7 @@ register(Experiment(
            "is the same with the top-down weights started as the scaled transpose of the forward weights "
            "(td_init='transposed'; S18's main text does not give its top-down start) and the "
            "first layer's rate 8 times the default, which that start's 8 times smaller "
-           "top-down error needs (docs/algorithms/microcircuits.md §6.6), for 60 epochs (its "
-           "test error still falls after epoch 30)."),
+           "top-down error needs (docs/algorithms/microcircuits.md §6.6)."),
 ))
 
 # ---- the teacher-student regression (§3.3) ----------------------------------------------------
