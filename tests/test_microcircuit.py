@@ -425,3 +425,62 @@ def test_full_dynamics_default_rates_are_the_steady_states_per_ms():
     assert full["layer_lrs"] == pytest.approx([r / (1000 * 0.1 * 20) for r in steady["layer_lrs"]])
     given = Microcircuit.run_defaults(RunConfig(**base, rule_options={"dynamics": "full"}, lr=0.5))
     assert "layer_lrs" not in given  # a rate the caller gives is used as it is
+
+
+# ---- the teacher-student regression (S18 §3.3) -------------------------------------------------
+
+def _regression(out, **kw):
+    from bpdl.experiments.microcircuits import run_regression
+
+    kw.setdefault("lanes", 10)
+    kw.setdefault("eval_every", 20)
+    return run_regression(out, shallow=False, backend="reference", **kw)
+
+
+def test_regression_extends_a_finished_run_exactly_and_writes_its_report(tmp_path):
+    whole = _regression(tmp_path / "whole", trials=60)
+    _regression(tmp_path / "parts", trials=20)
+    parts = _regression(tmp_path / "parts", trials=60)
+    curve = whole["variants"]["microcircuit"]["curve"]
+    assert [c["trial"] for c in curve] == [0, 20, 40, 60]
+    assert parts["variants"]["microcircuit"]["curve"] == curve
+    assert curve[-1]["error"] != curve[0]["error"]  # the student moved
+    for name in ("results.json", "results.md", "figures/regression.png"):
+        assert (tmp_path / "whole" / name).exists()
+    assert json.loads((tmp_path / "whole" / "results.json").read_text())["trials"] == 60
+
+
+def test_regression_refuses_to_resume_a_run_of_other_settings(tmp_path, monkeypatch):
+    from bpdl.experiments import microcircuits as mce
+
+    _regression(tmp_path, trials=20)
+    with pytest.raises(ConfigError, match=r"lanes: 10 -> 5"):
+        _regression(tmp_path, trials=40, lanes=5)
+    monkeypatch.setitem(mce.REGRESSION_DEFAULTS, "model",
+                        {**mce.REGRESSION_DEFAULTS["model"], "td_scale": 1.0})
+    with pytest.raises(ConfigError, match=r"settings.model.td_scale: 12.0 -> 1.0"):
+        _regression(tmp_path, trials=40)
+
+
+@pytest.mark.parametrize("kw, match", [
+    ({"trials": 0}, "trials must be a positive integer"),
+    ({"lanes": 1.5}, "lanes must be a positive integer"),
+    ({"eval_every": 25}, "multiple of lanes"),
+])
+def test_regression_bad_options_get_one_clear_error(tmp_path, kw, match):
+    with pytest.raises(ConfigError, match=match):
+        _regression(tmp_path, **{"trials": 20, **kw})
+
+
+@pytest.mark.slow
+def test_regression_student_learns_and_aligns_with_its_top_down_weights(tmp_path):
+    """A quarter of the reproduction's protocol (S18 Fig. 2): the held-out error falls well
+    below its start and below the shallow learner's, and the forward weights turn toward the
+    top-down ones."""
+    from bpdl.experiments.microcircuits import run_regression
+
+    record = run_regression(tmp_path, trials=5000, eval_every=500)
+    deep, shallow = record["variants"]["microcircuit"], record["variants"]["shallow"]
+    assert deep["error_ratio"] > 3
+    assert deep["final_error"] < 0.75 * shallow["final_error"]
+    assert deep["final_angle"] < 65 < shallow["final_angle"]

@@ -25,6 +25,7 @@ from typing import Any
 
 import torch
 
+from bpdl.config import diff
 from bpdl.errors import ConfigError
 from bpdl.experiments import (
     Experiment,
@@ -55,7 +56,7 @@ register(Experiment(
     runs=(
         ExperimentRun("steady-state", {
             "rule": "microcircuit", "model": "microcircuit", "model_options": _MNIST_MODEL,
-            "epochs": 60}, 1.96),
+            "epochs": 120}, 1.96),
         ExperimentRun("fixed-hidden-pp", {
             "rule": "microcircuit", "model": "microcircuit", "model_options": _MNIST_MODEL,
             "rule_options": {"fixed_layers": [2]}}, 2.11),
@@ -68,8 +69,8 @@ register(Experiment(
     common={"dataset": "mnist", "epochs": 30, "val_size": 5000, "test": "every",
             "probe_size": 256},
     notes=("S18 trains the runs to convergence (its supplement gives the schedule); the "
-           "steady-state and fixed-hidden-pp-transposed runs take 60 epochs (their test error "
-           "still falls at 30), fixed-hidden-pp 30. fixed-hidden-pp keeps the hidden-to-hidden "
+           "steady-state run takes 120 epochs and fixed-hidden-pp-transposed 60 (their test "
+           "errors still fall at 30 and 60), fixed-hidden-pp 30. fixed-hidden-pp keeps the hidden-to-hidden "
            "forward weights W^PP_21 at their random initial values. fixed-hidden-pp-transposed "
            "is the same with the top-down weights started as the scaled transpose of the forward weights "
            "(td_init='transposed'; S18's main text does not give its top-down start) and the "
@@ -84,10 +85,11 @@ register(Experiment(
 #: the protocol.
 REGRESSION_DEFAULTS: dict[str, Any] = {
     "teacher": (30, 20, 10), "k": (2.0, 10.0), "hidden": 50,
-    "model": {"transfer": "soft_relu", "init": "random", "init_scale": 20.0, "td_scale": 1.0,
+    "model": {"transfer": "soft_relu", "init": "random", "init_scale": 20.0, "td_scale": 12.0,
               "sigma": 0.1, "steps": 1000},
     "lr": {"pp.1": 0.35625, "pp.2": 0.15, "ip.1": 0.35625, "pi.1": 1.78125},
-    "plastic": ("W", "b", "W_ip", "b_ip", "W_pi"),
+    # the thresholds stay at zero: plastic ones run away (docs/algorithms/microcircuits.md §6.6)
+    "plastic": ("W", "W_ip", "W_pi"),
     "test_patterns": 500,
 }
 
@@ -178,6 +180,9 @@ def run_regression(out: str | Path, trials: int = 20000, lanes: int = 10,
     record: dict[str, Any] = {"trials": trials, "lanes": lanes, "eval_every": eval_every,
                               "seed": seed, "settings": _jsonable(REGRESSION_DEFAULTS),
                               "variants": {}}
+    # what a checkpoint must match to be resumed (the trial count may grow: that extends it)
+    protocol = {"lanes": lanes, "eval_every": eval_every, "seed": seed,
+                "settings": record["settings"]}
     for variant in (("microcircuit", "shallow") if shallow else ("microcircuit",)):
         rule, opt = _student(variant == "shallow", seed, lanes, backend, dtype)
         ckpt_path = out / variant / "checkpoint.pt"
@@ -186,6 +191,7 @@ def run_regression(out: str | Path, trials: int = 20000, lanes: int = 10,
         done = 0
         if ckpt_path.exists():
             ckpt = torch.load(ckpt_path, weights_only=False)
+            _check_protocol(ckpt_path, ckpt.get("protocol"), protocol)
             rule.load_state_dict(ckpt["learner"])
             opt.load_state_dict(ckpt["optimizer"])
             curve, done = ckpt["curve"], ckpt["trials"]
@@ -201,7 +207,7 @@ def run_regression(out: str | Path, trials: int = 20000, lanes: int = 10,
                 done += lanes
             curve.append({"trial": done, **_evaluate(rule, x_test, u_test)})
             atomic_torch_save({"learner": rule.state_dict(), "optimizer": opt.state_dict(),
-                               "curve": curve, "trials": done}, ckpt_path)
+                               "curve": curve, "trials": done, "protocol": protocol}, ckpt_path)
             if log is not None:
                 c = curve[-1]
                 log(f"[{variant}] trial {done}/{trials}: error {c['error']:.4g} "
@@ -216,6 +222,21 @@ def run_regression(out: str | Path, trials: int = 20000, lanes: int = 10,
     atomic_write_text(out / "results.md", regression_markdown(record))
     plot_regression(record, out / "figures" / "regression")
     return record
+
+
+def _check_protocol(path: Path, stored: dict[str, Any] | None,
+                    requested: dict[str, Any]) -> None:
+    """ConfigError unless the checkpoint at ``path`` was written under ``requested``: resuming
+    a run of other settings would splice two protocols into one curve."""
+    if stored == requested:
+        return
+    if stored is None:
+        detail = "it was written before bpdl recorded a regression run's settings"
+    else:
+        detail = "differences (existing -> requested): " + "; ".join(diff(stored, requested))
+    raise ConfigError(f"{path} holds a regression run with other settings, so it cannot be "
+                      f"resumed ({detail}). Choose another --out folder, or delete this one to "
+                      f"start afresh.")
 
 
 def rule_backend(rule) -> str:
