@@ -320,7 +320,8 @@ register(Sacramento2018Regression(
     title="Sacramento et al. 2018: teacher-student regression with the full dynamics",
     source="Sacramento et al. (2018), NeurIPS 31, §3.3 and Fig. 2",
     protocol=("30-20-10 teacher with k_10 = 2, k_21 = 10 and uniform [-1, 1] weights and "
-              "inputs; 30-50-10 student with 10 interneurons from a random start; the full "
+              "inputs; 30-50-10 student with 10 interneurons from a random start (top-down "
+              "weights on +-12/sqrt(10) and fixed, thresholds fixed at zero); the full "
               "dynamics with continuous plasticity, one fresh pattern per trial (a lane each), "
               "100 ms per pattern; the held-out error and the forward/top-down angle"),
     runs=(),
