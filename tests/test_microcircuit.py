@@ -453,13 +453,15 @@ def test_regression_extends_a_finished_run_exactly_and_writes_its_report(tmp_pat
 def test_regression_refuses_to_resume_a_run_of_other_settings(tmp_path, monkeypatch):
     from bpdl.experiments import microcircuits as mce
 
-    _regression(tmp_path, trials=20)
+    _regression(tmp_path, trials=40)
     with pytest.raises(ConfigError, match=r"lanes: 10 -> 5"):
-        _regression(tmp_path, trials=40, lanes=5)
-    monkeypatch.setitem(mce.REGRESSION_DEFAULTS, "model",
-                        {**mce.REGRESSION_DEFAULTS["model"], "td_scale": 1.0})
-    with pytest.raises(ConfigError, match=r"settings.model.td_scale: 12.0 -> 1.0"):
-        _regression(tmp_path, trials=40)
+        _regression(tmp_path, trials=60, lanes=5)
+    with pytest.raises(ConfigError, match=r"already holds 40 trials, more than the 20"):
+        _regression(tmp_path, trials=20)
+    model = mce.REGRESSION_DEFAULTS["model"]
+    monkeypatch.setitem(mce.REGRESSION_DEFAULTS, "model", {**model, "td_scale": 0.5})
+    with pytest.raises(ConfigError, match=rf"settings.model.td_scale: {model['td_scale']!r} -> 0.5"):
+        _regression(tmp_path, trials=60)
 
 
 @pytest.mark.parametrize("kw, match", [

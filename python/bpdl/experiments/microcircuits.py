@@ -195,6 +195,10 @@ def run_regression(out: str | Path, trials: int = 20000, lanes: int = 10,
             rule.load_state_dict(ckpt["learner"])
             opt.load_state_dict(ckpt["optimizer"])
             curve, done = ckpt["curve"], ckpt["trials"]
+            if done > trials:
+                raise ConfigError(f"{ckpt_path} already holds {done} trials, more than the "
+                                  f"{trials} asked for; ask for at least {done} (--trials) or "
+                                  f"choose another --out folder")
         if not curve:
             curve.append({"trial": 0, **_evaluate(rule, x_test, u_test)})
         t0 = time.perf_counter()
