@@ -181,8 +181,7 @@ def run_regression(out: str | Path, trials: int = 20000, lanes: int = 10,
                               "seed": seed, "settings": _jsonable(REGRESSION_DEFAULTS),
                               "variants": {}}
     # what a checkpoint must match to be resumed (the trial count may grow: that extends it)
-    protocol = {"lanes": lanes, "eval_every": eval_every, "seed": seed,
-                "settings": record["settings"]}
+    protocol = {key: record[key] for key in ("lanes", "eval_every", "seed", "settings")}
     for variant in (("microcircuit", "shallow") if shallow else ("microcircuit",)):
         rule, opt = _student(variant == "shallow", seed, lanes, backend, dtype)
         ckpt_path = out / variant / "checkpoint.pt"
@@ -192,13 +191,13 @@ def run_regression(out: str | Path, trials: int = 20000, lanes: int = 10,
         if ckpt_path.exists():
             ckpt = torch.load(ckpt_path, weights_only=False)
             _check_protocol(ckpt_path, ckpt.get("protocol"), protocol)
-            rule.load_state_dict(ckpt["learner"])
-            opt.load_state_dict(ckpt["optimizer"])
             curve, done = ckpt["curve"], ckpt["trials"]
             if done > trials:
                 raise ConfigError(f"{ckpt_path} already holds {done} trials, more than the "
                                   f"{trials} asked for; ask for at least {done} (--trials) or "
                                   f"choose another --out folder")
+            rule.load_state_dict(ckpt["learner"])
+            opt.load_state_dict(ckpt["optimizer"])
         if not curve:
             curve.append({"trial": 0, **_evaluate(rule, x_test, u_test)})
         t0 = time.perf_counter()
