@@ -204,6 +204,8 @@ def test_missing_file_offline(mnist_copy_root):
     assert "d53e105ee54ea40749a09fcbcd1e9432" in msg
     assert str(raw) in msg
     assert "train-images-idx3-ubyte.gz" not in msg  # only the missing file is listed
+    # The fix is told for both the Python API and the command line.
+    assert "download=True" in msg and "--offline" in msg and "--data-dir" in msg
 
 
 def test_missing_file_failed_download_is_wrapped(mnist_copy_root, monkeypatch):

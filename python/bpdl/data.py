@@ -407,9 +407,10 @@ def _missing_error(
     them = "it" if len(missing) == 1 else "them"
     return (
         f"{_PRETTY[name]} ({split}) is not available in the data root {root}. Missing files:\n"
-        f"{files}\nPut {them} in {folder}{extra}, or call with download=True to download {them}. "
-        "The data root is chosen by data_dir=..., else the BPDL_DATA_DIR environment variable, "
-        "else ~/.cache/bpdl/data."
+        f"{files}\nPut {them} in {folder}{extra}, or let bpdl download {them} "
+        "(download=True; on the command line, leave out --offline). The data root is chosen by "
+        "data_dir=... (on the command line, --data-dir), else the BPDL_DATA_DIR environment "
+        "variable, else ~/.cache/bpdl/data."
     )
 
 
