@@ -570,6 +570,10 @@ def test_cli_errors_are_one_line(tmp_path):
                  "--offline", "--data-dir", str(tmp_path))
     assert proc.returncode == 2
     assert proc.stderr.startswith("error: unknown Nevergrad optimizer 'Nope'; for example NGOpt")
+    # A bad worker count is told at once, before the (here missing) dataset is looked for.
+    proc = _bpdl("study", "run", "--workers", "0", "--db", str(tmp_path / "e.db"),
+                 "--offline", "--data-dir", str(tmp_path))
+    assert proc.returncode == 2 and proc.stderr == "error: --workers must be >= 1, got 0\n"
     (tmp_path / "junk.db").write_text("hello")
     proc = _bpdl("study", "report", str(tmp_path / "junk.db"))
     assert proc.returncode == 2 and "not an SQLite file" in proc.stderr
