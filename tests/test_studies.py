@@ -574,6 +574,11 @@ def test_cli_errors_are_one_line(tmp_path):
     proc = _bpdl("study", "run", "--workers", "0", "--db", str(tmp_path / "e.db"),
                  "--offline", "--data-dir", str(tmp_path))
     assert proc.returncode == 2 and proc.stderr == "error: --workers must be >= 1, got 0\n"
+    # A misspelt --set key is told at once, not after 1000 proposals rejected for it.
+    proc = _bpdl("study", "run", "--set", "model_options.hiden=[5]", "--db",
+                 str(tmp_path / "e.db"), "--offline", "--data-dir", str(tmp_path))
+    assert proc.returncode == 2
+    assert proc.stderr.startswith("error: --set: model 'mlp' has no option 'hiden'; valid: ")
     (tmp_path / "junk.db").write_text("hello")
     proc = _bpdl("study", "report", str(tmp_path / "junk.db"))
     assert proc.returncode == 2 and "not an SQLite file" in proc.stderr

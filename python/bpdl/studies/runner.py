@@ -196,6 +196,7 @@ def validate_study(cfg: StudyConfig, space: sp.SearchSpace) -> None:
     if owned:
         raise ConfigError(f"cannot fix {', '.join(owned)} with --set: the study sets them (use "
                           f"the study's own options)")
+    sp.check_target_keys(list(fixed), cfg.rule, cfg.model, "--set")
     both = sorted(set(fixed) & set(space.dims))
     if both:
         raise ConfigError(f"contradictory study: {', '.join(both)} is both searched by space "

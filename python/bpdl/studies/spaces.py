@@ -33,7 +33,7 @@ import copy
 import dataclasses
 import json
 import math
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -270,6 +270,30 @@ def deep_merge(base: Mapping[str, Any], update: Mapping[str, Any]) -> dict[str, 
     return out
 
 
+def check_target_keys(keys: Sequence[str], rule: str, model: str, where: str) -> None:
+    """ConfigError (prefixed by ``where``) for a flat key (``lr``, ``model_options.hidden``)
+    that the run config, the model or the rule does not have."""
+    from bpdl import nn as bnn
+    from bpdl import rules
+    from bpdl.train import RunConfig
+
+    run_fields = {f.name for f in dataclasses.fields(RunConfig)}
+    model_fields = {f.name for f in dataclasses.fields(bnn.MODELS.get(model).config_cls)}
+    rule_cls = rules.get(rule).config_cls
+    rule_fields = {f.name for f in dataclasses.fields(rule_cls)} if rule_cls else set()
+    for key in keys:
+        root, _, rest = key.partition(".")
+        if root not in run_fields:
+            raise ConfigError(f"{where}: {key!r} is not a run-config field; valid: "
+                              f"{', '.join(sorted(run_fields - _STUDY_OWNED))}")
+        if root == "model_options" and rest and rest.split(".")[0] not in model_fields:
+            raise ConfigError(f"{where}: model {model!r} has no option {rest!r}; valid: "
+                              f"{', '.join(sorted(model_fields))}")
+        if root == "rule_options" and rest and rest.split(".")[0] not in rule_fields:
+            raise ConfigError(f"{where}: rule {rule!r} has no option {rest!r}; valid: "
+                              f"{', '.join(sorted(rule_fields)) or 'none'}")
+
+
 def flatten_paths(d: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
     """``{"model_options": {"hidden": [5]}}`` -> ``{"model_options.hidden": [5]}``."""
     out: dict[str, Any] = {}
@@ -341,25 +365,8 @@ class SearchSpace:
 
     def check_targets(self, rule: str, model: str) -> None:
         """ConfigError for targets that the run config, model or rule does not have."""
-        from bpdl import nn as bnn
-        from bpdl import rules
-        from bpdl.train import RunConfig
-
-        run_fields = {f.name for f in dataclasses.fields(RunConfig)}
-        model_fields = {f.name for f in dataclasses.fields(bnn.MODELS.get(model).config_cls)}
-        rule_cls = rules.get(rule).config_cls
-        rule_fields = {f.name for f in dataclasses.fields(rule_cls)} if rule_cls else set()
-        for key in list(self.dims) + list(flatten_paths(self.fixed)):
-            root, _, rest = key.partition(".")
-            if root not in run_fields:
-                raise ConfigError(f"search space {self.name!r}: {key!r} is not a run-config "
-                                  f"field; valid: {', '.join(sorted(run_fields - _STUDY_OWNED))}")
-            if root == "model_options" and rest and rest.split(".")[0] not in model_fields:
-                raise ConfigError(f"search space {self.name!r}: model {model!r} has no option "
-                                  f"{rest!r}; valid: {', '.join(sorted(model_fields))}")
-            if root == "rule_options" and rest and rest.split(".")[0] not in rule_fields:
-                raise ConfigError(f"search space {self.name!r}: rule {rule!r} has no option "
-                                  f"{rest!r}; valid: {', '.join(sorted(rule_fields)) or 'none'}")
+        check_target_keys(list(self.dims) + list(flatten_paths(self.fixed)), rule, model,
+                          f"search space {self.name!r}")
 
     def parametrization(self, seed: int | None = None):
         """A fresh flat ``nevergrad.p.Dict``, its random state seeded with ``seed``."""
