@@ -99,6 +99,12 @@ def test_plot_two_runs_into_one_figure(tmp_path, capsys):
     # a line cut short by a crash at the end is what a resume drops too: the rest is plotted
     metrics.write_text("\n".join(lines) + '\n{"eval": 9, "exa')
     assert main(["plot", runs[0], "--out", str(broken)]) == 0
+    capsys.readouterr()
+    # a figure path under a file: one error line naming the file, exit status 2
+    assert main(["plot", runs[0], "--out", str(broken.with_suffix(".png") / "x.png")]) == 2
+    assert capsys.readouterr().err == (
+        f"error: cannot create the output folder {broken.with_suffix('.png')}: "
+        f"{broken.with_suffix('.png')} is a file, not a folder; choose another path with --out\n")
 
 
 @pytest.mark.parametrize("args,match", [

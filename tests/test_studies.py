@@ -733,6 +733,15 @@ def test_compare_draws_the_grid_and_bars(mlp_study, tmp_path, capsys):
         assert (tmp_path / "cmp" / name).stat().st_size > 500
     studies = load_studies([db])
     assert studies[0]["stats"]["n"] == 4
+    # An output path blocked by a file is one error line, exit 2, for compare and report.
+    blocker = tmp_path / "a_file"
+    blocker.write_text("x")
+    for cmd in (["compare", str(db), "--out", str(blocker)],
+                ["report", str(db), "--out", str(blocker / "sub")]):
+        assert main(["study", *cmd]) == 2
+        err = capsys.readouterr().err
+        assert err == (f"error: cannot create the output folder {cmd[-1]}: {blocker} is a "
+                       f"file, not a folder; choose another path with --out\n")
 
 
 def _fake_study(rule, dataset, objectives, tests=()):

@@ -32,6 +32,22 @@ from bpdl.errors import RunDirError
 __all__ = ["RunDir", "atomic_torch_save", "atomic_write_text", "load_run", "read_metrics"]
 
 
+def make_output_dir(path: str | os.PathLike, flag: str = "--out") -> Path:
+    """Create the output folder ``path`` (and its parents); RunDirError, naming ``flag``, when a
+    file stands in the way or the folder cannot be created."""
+    path = Path(path)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except (FileExistsError, NotADirectoryError) as err:
+        blocker = next((p for p in (path, *path.parents) if p.exists() and not p.is_dir()), path)
+        raise RunDirError(f"cannot create the output folder {path}: {blocker} is a file, not a "
+                          f"folder; choose another path with {flag}") from err
+    except OSError as err:
+        raise RunDirError(f"cannot create the output folder {path}: {err.strerror}; choose "
+                          f"another path with {flag}") from err
+    return path
+
+
 def atomic_write_text(path: Path, text: str) -> None:
     """Replace ``path`` by ``text`` in one rename (no half-written file after a crash)."""
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")

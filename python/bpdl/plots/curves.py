@@ -15,7 +15,7 @@ from typing import Any
 from matplotlib.figure import Figure
 
 from bpdl.errors import RunDirError
-from bpdl.runs import load_run
+from bpdl.runs import load_run, make_output_dir
 
 __all__ = [
     "load_run", "save_figure", "plot_learning_curves", "plot_weight_dynamics",
@@ -35,7 +35,7 @@ def save_figure(fig: Figure, out: str | os.PathLike) -> list[Path]:
     """Write ``fig`` as PNG and PDF next to each other; ``out`` may carry either suffix or none."""
     out = Path(out)
     stem = out.with_suffix("") if out.suffix.lower() in (".png", ".pdf") else out
-    stem.parent.mkdir(parents=True, exist_ok=True)
+    make_output_dir(stem.parent)
     paths = [stem.with_suffix(".png"), stem.with_suffix(".pdf")]
     for p in paths:
         fig.savefig(p, dpi=150, bbox_inches="tight")

@@ -27,6 +27,7 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
+from bpdl.runs import make_output_dir
 from bpdl.studies.runner import CHANCE_ACCURACY, describe_params, summarize_tests
 from bpdl.studies.spaces import flatten_paths
 from bpdl.studies.store import StudyStore
@@ -451,7 +452,7 @@ def write_report(db: str | os.PathLike, out: str | os.PathLike | None = None,
     Returns the Markdown text and the written files."""
     studies = load_studies([db], names)
     out_dir = Path(out) if out is not None else Path(db).with_name(Path(db).stem + "_report")
-    out_dir.mkdir(parents=True, exist_ok=True)
+    make_output_dir(out_dir)
     files: list[Path] = []
     sections = []
     for s in studies:
@@ -479,7 +480,7 @@ def write_compare(dbs: Sequence[str | os.PathLike], out: str | os.PathLike,
     """Write the comparison grid, bar chart, Markdown and CSV of the studies in ``dbs``."""
     studies = load_studies(dbs, names)
     out_dir = Path(out)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    make_output_dir(out_dir)
     plot_compare_grid(studies, out_dir / "compare_grid", title)
     plot_compare_bars(studies, out_dir / "compare_bars", title)
     text = ("# Study comparison\n\n" + summary_markdown(studies)
