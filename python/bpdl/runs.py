@@ -29,22 +29,23 @@ import torch
 
 from bpdl.errors import RunDirError
 
-__all__ = ["RunDir", "atomic_torch_save", "atomic_write_text", "load_run", "read_metrics"]
+__all__ = ["RunDir", "atomic_torch_save", "atomic_write_text", "load_run", "make_output_dir",
+           "read_metrics"]
 
 
-def make_output_dir(path: str | os.PathLike, flag: str = "--out") -> Path:
-    """Create the output folder ``path`` (and its parents); RunDirError, naming ``flag``, when a
-    file stands in the way or the folder cannot be created."""
+def make_output_dir(path: str | os.PathLike) -> Path:
+    """Create the output folder ``path`` (and its parents); RunDirError, naming the file in the
+    way, when the folder cannot be created."""
     path = Path(path)
     try:
         path.mkdir(parents=True, exist_ok=True)
     except (FileExistsError, NotADirectoryError) as err:
         blocker = next((p for p in (path, *path.parents) if p.exists() and not p.is_dir()), path)
         raise RunDirError(f"cannot create the output folder {path}: {blocker} is a file, not a "
-                          f"folder; choose another path with {flag}") from err
+                          f"folder; choose another path with --out") from err
     except OSError as err:
         raise RunDirError(f"cannot create the output folder {path}: {err.strerror}; choose "
-                          f"another path with {flag}") from err
+                          f"another path with --out") from err
     return path
 
 

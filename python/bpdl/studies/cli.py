@@ -163,10 +163,6 @@ def cmd_study_run(args: argparse.Namespace) -> int:
     from bpdl.studies.runner import run_study
     from bpdl.studies.spaces import space_from_file
 
-    # Checked before anything loads, so that a wrong count is told before a missing dataset.
-    for flag, value in (("--workers", args.workers), ("--threads", args.threads)):
-        if value is not None and value < 1:
-            raise ConfigError(f"{flag} must be >= 1, got {value}")
     cfg = study_config_from_args(args)
     space = None
     if args.space_file is not None:

@@ -315,11 +315,11 @@ class RayExecutor(Executor):
         return f"Ray ({where}; {self.slots} concurrent trials x {self.threads} CPU{gpu})"
 
 
-def make_executor(kind: str, *, workers: int | None = None, threads: int | None = None,
-                  address: str | None = None, gpus_per_trial: float = 0.0,
-                  preload: DataSpec | None = None) -> Executor:
-    """An executor by name: ``inprocess``, ``process`` or ``ray``. ``preload``: data a process
-    pool's workers load when they start."""
+def check_executor_options(kind: str, *, workers: int | None = None,
+                           threads: int | None = None, address: str | None = None,
+                           gpus_per_trial: float = 0.0) -> None:
+    """ConfigError for executor options that cannot work; cheap, so a study calls it before it
+    loads any data."""
     if kind not in EXECUTORS:
         raise ConfigError(f"unknown executor {kind!r}; valid executors are: {', '.join(EXECUTORS)}")
     if workers is not None and workers < 1:
@@ -328,10 +328,19 @@ def make_executor(kind: str, *, workers: int | None = None, threads: int | None 
         raise ConfigError(f"--threads must be >= 1, got {threads}")
     if kind != "ray" and (address or gpus_per_trial):
         raise ConfigError("--address and --gpus-per-trial apply to --executor ray only")
+    if kind == "inprocess" and workers not in (None, 1):
+        raise ConfigError("the in-process executor runs one trial at a time; use "
+                          "--executor process (or ray) with --workers")
+
+
+def make_executor(kind: str, *, workers: int | None = None, threads: int | None = None,
+                  address: str | None = None, gpus_per_trial: float = 0.0,
+                  preload: DataSpec | None = None) -> Executor:
+    """An executor by name: ``inprocess``, ``process`` or ``ray``. ``preload``: data a process
+    pool's workers load when they start."""
+    check_executor_options(kind, workers=workers, threads=threads, address=address,
+                           gpus_per_trial=gpus_per_trial)
     if kind == "inprocess":
-        if workers not in (None, 1):
-            raise ConfigError("the in-process executor runs one trial at a time; use "
-                              "--executor process (or ray) with --workers")
         return InProcessExecutor(threads)
     if kind == "process":
         return ProcessPoolExecutor(workers or 1, threads, preload)

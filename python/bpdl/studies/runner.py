@@ -48,7 +48,7 @@ from typing import Any
 from bpdl.config import from_dict, require_positive, to_dict
 from bpdl.errors import ConfigError
 from bpdl.studies import spaces as sp
-from bpdl.studies.executors import Executor, make_executor
+from bpdl.studies.executors import Executor, check_executor_options, make_executor
 from bpdl.studies.store import StudyDatabaseError, StudyStore
 from bpdl.studies.worker import DataSpec, Job
 
@@ -762,6 +762,8 @@ def _run_study(cfg, db, space, executor, workers, threads, address, gpus_per_tri
 
     space = resolve_space(cfg, space)
     validate_study(cfg, space)
+    check_executor_options(executor, workers=workers, threads=threads, address=address,
+                           gpus_per_trial=gpus_per_trial)
     if device is None:
         device = "cuda" if gpus_per_trial else "cpu"
     if not (executor == "ray" and address):
